@@ -1,0 +1,1 @@
+"""Model zoo and transformations (export, quantize, prune) of mnv3-compress."""
