@@ -1,0 +1,1 @@
+"""Datasets, the preprocessing each one defines, and calibration readers."""

@@ -1,0 +1,218 @@
+"""mnv3-compress command line: each command parses its options, calls one library function, prints the result.
+
+Errors are one line on stderr with a non-zero exit; ``--debug`` shows the traceback.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+
+import click
+
+from compress.errors import UserError
+
+ARCH_CHOICES = ("mobilenet_v3_small", "mobilenet_v3_large")
+
+
+class _Group(click.Group):
+    """Turns every error into one line on stderr (exit 1; usage errors exit 2), Ctrl-C into exit 130."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            super().main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False,
+                         **extra)
+        except click.exceptions.NoArgsIsHelpError as e:
+            click.echo(e.ctx.get_help() if e.ctx else str(e))
+            sys.exit(0)
+        except click.ClickException as e:
+            msg = " ".join(e.format_message().split())
+            hint = ""
+            if isinstance(e, click.UsageError) and e.ctx is not None:
+                hint = f" (see '{e.ctx.command_path} --help')"
+            click.echo(f"Error: {msg}{hint}", err=True)
+            sys.exit(e.exit_code)
+        except click.exceptions.Abort:
+            click.echo("Aborted.", err=True)
+            sys.exit(1)
+        sys.exit(0)
+
+    def invoke(self, ctx: click.Context):
+        debug = bool(ctx.params.get("debug"))
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except UserError as e:
+            if debug:
+                traceback.print_exc()
+            raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+        except KeyboardInterrupt:
+            click.echo("Interrupted: stopped cleanly (outputs are written atomically; nothing partial was left).",
+                       err=True)
+            sys.exit(130)
+        except Exception as e:  # a bug: still one line, traceback on request
+            if debug:
+                traceback.print_exc()
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise click.ClickException(f"internal error: {type(e).__name__}: {msg} (rerun with --debug for "
+                                       f"the traceback)") from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option("--debug", is_flag=True, help="Show the full traceback on errors (for bug reports).")
+@click.version_option(package_name="mnv3-compress")
+def main(debug: bool) -> None:
+    """Compress MobileNetV3 classifiers into deployable int8 ONNX models, with measured accuracy and latency.
+
+    Commands that need weights and get none use the embedded default: a float MobileNetV3 trained on
+    Fashion-MNIST and cached under $MNV3_COMPRESS_HOME (default ~/.cache/mnv3-compress).
+    """
+
+
+def _arch_options(f):
+    f = click.option("--num-classes", type=click.IntRange(1), default=None,
+                     help="Classifier outputs (default: inferred from --weights, else the dataset's).")(f)
+    f = click.option("--minimalistic", is_flag=True, default=None,
+                     help="Minimalistic variant: no SE, no h-swish, 3x3 kernels only.")(f)
+    f = click.option("--width-mult", type=click.FloatRange(min=0.1), default=None,
+                     help="Channel width multiplier (e.g. 0.75, 1.0).  [default: 1.0]")(f)
+    f = click.option("--arch", type=click.Choice(ARCH_CHOICES), default=None,
+                     help="Architecture (torchvision name).  [default: mobilenet_v3_small]")(f)
+    return f
+
+
+_DATASET_HELP = "fashion-mnist (default), fashion-mnist:DIR, imagefolder:PATH (PATH/train + PATH/val, or one class folder), synthetic."
+
+
+# == train =========================================================================================
+@main.command()
+@_arch_options
+@click.option("--dataset", default="fashion-mnist", show_default=True, help=_DATASET_HELP)
+@click.option("--input-size", type=click.IntRange(8), default=None, help="Square input side (default: 32 for Fashion-MNIST, 224 otherwise).")
+@click.option("--epochs", type=click.IntRange(1), default=5, show_default=True, help="Total epochs (with --resume: the total to reach).")
+@click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Peak learning rate (default: the recipe's).")
+@click.option("--schedule", type=click.Choice(["onecycle", "cosine"]), default="onecycle", show_default=True)
+@click.option("--limit-train", type=click.IntRange(1), default=None, help="Use only the first N training images.")
+@click.option("--limit-test", type=click.IntRange(1), default=None, help="Evaluate on the first N test images only.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--weights", type=click.Path(dir_okay=False), default=None, help="Start from these weights (fine-tune).")
+@click.option("--resume", type=click.Path(dir_okay=False), default=None, help="Continue a checkpoint written by train.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False), required=True, help="Checkpoint to write (atomically, after every epoch).")
+def train(epochs, batch_size, lr, schedule, limit_train, limit_test, seed, **kw) -> None:
+    """Train (or fine-tune) a MobileNetV3 with augmentation, label smoothing and a one-cycle/cosine schedule.
+
+    Evaluates on the test split after every epoch and writes the checkpoint atomically each time, so Ctrl-C
+    keeps the last complete epoch; --resume continues it (same or larger --epochs).
+    """
+    from compress.train import TrainConfig, train as run_train
+
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, schedule=schedule, limit_train=limit_train,
+                      limit_test=limit_test, seed=seed, **({"lr": lr} if lr else {}))
+    result = run_train(config=cfg, **kw)
+    final = result["final"]
+    click.echo(f"{result['output']}: {result['arch']} on {result['dataset']} @{result['input_size']}, "
+               f"epoch {final.get('epoch')}, test top-1 {100 * final.get('test_top1', 0):.2f}%")
+
+
+# == export ========================================================================================
+@main.command()
+@_arch_options
+@click.option("--weights", type=click.Path(dir_okay=False), default=None, help="Checkpoint (torchvision, timm or ours). Default: the embedded default model.")
+@click.option("--dataset", default="fashion-mnist", show_default=True, help="Whose preprocessing the model's metadata records. " + _DATASET_HELP)
+@click.option("--input-size", type=click.IntRange(8), default=None, help="Square input side (default: the checkpoint's, else the dataset's).")
+@click.option("--random-init", is_flag=True, help="Export freshly initialised weights (latency work on any architecture).")
+@click.option("--output", "-o", type=click.Path(dir_okay=False), required=True, help="ONNX file to write.")
+def export(**kw) -> None:
+    """Export a float model to ONNX (opset 17), checked and validated against torch before it is kept.
+
+    The file records in its metadata how to feed it (input size, mean/std, resize) and the architecture.
+    """
+    from compress.export import export_model
+
+    click.echo(str(export_model(**kw)))
+
+
+# == eval ==========================================================================================
+@main.command("eval")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--dataset", default="fashion-mnist", show_default=True, help=_DATASET_HELP)
+@click.option("--limit", type=click.IntRange(1), default=None, help="Evaluate on the first N test images only.")
+@click.option("--threads", type=click.IntRange(1), default=1, show_default=True, help="Intra-op threads for the latency session.")
+@click.option("--batch", type=click.IntRange(1), default=1, show_default=True, help="Images per forward pass for latency.")
+@click.option("--reference", type=click.Path(dir_okay=False), default=None, help="Float ONNX model: report the share of equal top-1 predictions.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the result to this JSON file (atomically).")
+def eval_cmd(model: str, dataset: str, limit, threads: int, batch: int, reference, json_path) -> None:
+    """Evaluate an ONNX model (fp32 or int8): accuracy, agreement, latency, size, params, MACs, machine."""
+    from compress.io import write_json
+    from eval.evaluate import evaluate_onnx
+
+    result = evaluate_onnx(model, dataset=dataset, limit=limit, threads=threads, batch=batch, reference=reference)
+    if json_path:
+        write_json(json_path, result)
+    click.echo(json.dumps(result, indent=2))
+
+
+# == compare =======================================================================================
+@main.command()
+@click.argument("dirs", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--output-dir", "-o", type=click.Path(file_okay=False), required=True, help="Where report.json, report.md and pareto.png go.")
+def compare(dirs, output_dir: str) -> None:
+    """Gather the variants of one or more runs (their report.json) into one table and an accuracy/latency plot."""
+    from pathlib import Path
+
+    from eval.report import REPORT_MD, compare_runs
+
+    compare_runs(list(dirs), output_dir)
+    click.echo(str(Path(output_dir) / REPORT_MD))
+
+
+# == quantize ======================================================================================
+@main.command()
+@click.option("--recipe", "-r", default="int8", show_default=True, help="Recipe name (see 'mnv3-compress recipes') or path to a recipe TOML file.")
+@click.option("--arch", type=click.Choice(ARCH_CHOICES), default=None, help="Architecture (default: the checkpoint's, else mobilenet_v3_small).")
+@click.option("--weights", type=click.Path(dir_okay=False), default=None, help="Float checkpoint (torchvision, timm or ours). Default: the embedded default model.")
+@click.option("--dataset", default="fashion-mnist", show_default=True, help="Calibration (train split) and evaluation (test split) data. " + _DATASET_HELP)
+@click.option("--input-size", type=click.IntRange(8), default=None, help="Square input side (default: the checkpoint's, else the dataset's).")
+@click.option("--calibration-size", type=click.IntRange(1), default=None, help="Train images used for calibration (default: the recipe's).")
+@click.option("--limit-test", type=click.IntRange(1), default=None, help="Evaluate on the first N test images only (default: the whole test split).")
+@click.option("--threads", type=click.IntRange(1), default=1, show_default=True, help="Intra-op threads for the latency measurement.")
+@click.option("--output-dir", "-o", type=click.Path(file_okay=False), default=None, help="Where the models and reports go (default: runs/quantize-RECIPE).")
+def quantize(recipe: str, arch, weights, dataset: str, input_size, calibration_size, limit_test, threads: int,
+             output_dir) -> None:
+    """Quantize a float model to int8 (QDQ ONNX) with a recipe, and measure both: accuracy, agreement, latency.
+
+    Writes model_fp32.onnx, model_int8.onnx, recipe.toml (the resolved recipe), report.json and report.md.
+    """
+    from pathlib import Path
+
+    from compress.quantize import quantize as run_quantize
+
+    out = output_dir or f"runs/quantize-{Path(recipe).stem}"
+    r = run_quantize(recipe, weights=weights, arch=arch, dataset=dataset, input_size=input_size,
+                     calibration_size=calibration_size, output_dir=out, eval_limit=limit_test, threads=threads)
+    for v in r["variants"]:
+        top1 = v["accuracy"]["top1"]
+        lat = (v.get("latency_ms") or {}).get("median")
+        agree = v.get("agreement")
+        click.echo(f"{v['name']:>5}: top-1 {'n/a' if top1 is None else f'{100 * top1:.2f}%'}"
+                   f"{'' if agree is None else f', agreement {100 * agree:.2f}%'}"
+                   f"{'' if lat is None else f', latency {lat:.3f} ms'}, {v['size_bytes'] / 2**20:.2f} MiB")
+    fallback = r["quantization"]["nodes_excluded"]
+    click.echo(f"int8 convs {r['checks']['int8_convs']}/{r['checks']['convs']}, fp32 nodes: {len(fallback)}; "
+               f"report: {Path(r['output_dir']) / 'report.md'}")
+
+
+# == recipes =======================================================================================
+@main.command()
+def recipes() -> None:
+    """List the built-in recipes (pass one by name, or a path to your own TOML file, to 'quantize --recipe')."""
+    from recipes.loader import list_recipes
+
+    for r in list_recipes():
+        click.echo(f"{r.name:<14} {r.description}")
+
+
+if __name__ == "__main__":
+    main()

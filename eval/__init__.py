@@ -1,0 +1,1 @@
+"""The evaluator: accuracy, agreement, measured latency, size, MACs, reports."""
