@@ -91,26 +91,31 @@ _DATASET_HELP = "fashion-mnist (default), fashion-mnist:DIR, imagefolder:PATH (P
 @click.option("--dataset", default="fashion-mnist", show_default=True, help=_DATASET_HELP)
 @click.option("--input-size", type=click.IntRange(8), default=None, help="Square input side (default: 32 for Fashion-MNIST, 224 otherwise).")
 @click.option("--epochs", type=click.IntRange(1), default=5, show_default=True, help="Total epochs (with --resume: the total to reach).")
-@click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True, help="Images per step and process (under torchrun the global batch is this x WORLD_SIZE).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Peak learning rate (default: the recipe's).")
 @click.option("--schedule", type=click.Choice(["onecycle", "cosine"]), default="onecycle", show_default=True)
 @click.option("--limit-train", type=click.IntRange(1), default=None, help="Use only the first N training images.")
 @click.option("--limit-test", type=click.IntRange(1), default=None, help="Evaluate on the first N test images only.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="auto: CUDA when there is one (under torchrun: GPU LOCAL_RANK), else CPU.")
+@click.option("--sync-bn", is_flag=True, help="Under torchrun: synchronise BatchNorm statistics across processes (CUDA only).")
 @click.option("--weights", type=click.Path(dir_okay=False), default=None, help="Start from these weights (fine-tune).")
 @click.option("--resume", type=click.Path(dir_okay=False), default=None, help="Continue a checkpoint written by train.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), required=True, help="Checkpoint to write (atomically, after every epoch).")
-def train(epochs, batch_size, lr, schedule, limit_train, limit_test, seed, **kw) -> None:
+def train(epochs, batch_size, lr, schedule, limit_train, limit_test, seed, sync_bn, **kw) -> None:
     """Train (or fine-tune) a MobileNetV3 with augmentation, label smoothing and a one-cycle/cosine schedule.
 
     Evaluates on the test split after every epoch and writes the checkpoint atomically each time, so Ctrl-C
-    keeps the last complete epoch; --resume continues it (same or larger --epochs).
+    keeps the last complete epoch; --resume continues it (same or larger --epochs).  Launched by torchrun
+    (torchrun --nproc_per_node=N -m cli train ...) it trains with DistributedDataParallel; rank 0 writes.
     """
     from compress.train import TrainConfig, train as run_train
 
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, schedule=schedule, limit_train=limit_train,
-                      limit_test=limit_test, seed=seed, **({"lr": lr} if lr else {}))
+                      limit_test=limit_test, seed=seed, sync_bn=sync_bn, **({"lr": lr} if lr else {}))
     result = run_train(config=cfg, **kw)
+    if result["rank"] != 0:  # under torchrun: rank 0 reports for all
+        return
     final = result["final"]
     click.echo(f"{result['output']}: {result['arch']} on {result['dataset']} @{result['input_size']}, "
                f"epoch {final.get('epoch')}, test top-1 {100 * final.get('test_top1', 0):.2f}%")

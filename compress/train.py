@@ -3,15 +3,18 @@
 A checkpoint is written atomically after every epoch; it holds the weights, the architecture, the data facts
 (``dataset``, ``input_size``), ``epoch`` (completed epochs) and the optimizer/scheduler/RNG state resume needs.
 Ctrl-C stops training and keeps the last complete checkpoint.
+
+Launched by ``torchrun`` the same loop runs as DistributedDataParallel (see :mod:`compress.distributed`);
+launched plainly it is one process, as before.
 """
 from __future__ import annotations
 
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -19,7 +22,9 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from calibration.datasets import DataSource, open_dataset
+from compress import distributed
 from compress.checkpoint import LoadedModel, load_model, read_checkpoint, save_checkpoint
+from compress.distributed import DistContext
 from compress.errors import UserError
 
 SCHEDULES = ("onecycle", "cosine")
@@ -41,6 +46,7 @@ class TrainConfig:
     seed: int = 0
     eval_batch_size: int = 500
     bn_momentum: float = 0.1  # torchvision's 0.01 suits 600-epoch ImageNet runs, not a few epochs
+    sync_bn: bool = False  # under DDP: BatchNorm statistics over the global batch (CUDA only)
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -70,16 +76,27 @@ def augment(x: torch.Tensor, pad: int, hflip: bool, gen: torch.Generator) -> tor
 
 @torch.no_grad()
 def evaluate(model: nn.Module, source: DataSource, limit: int | None = None, batch_size: int = 500,
-             progress: bool = False) -> dict[str, float]:
-    """Top-1 accuracy and mean cross-entropy of a torch model on the test split."""
+             progress: bool = False, dist: DistContext | None = None) -> dict[str, float]:
+    """Top-1 accuracy and mean cross-entropy of a torch model on the test split.
+
+    With a process group (``dist``) each rank evaluates a disjoint shard and the counts are summed, so every
+    rank returns the figures of the whole split.
+    """
     model.eval()
+    ctx = dist or DistContext()
+    device = next(model.parameters()).device
     correct, total, loss_sum = 0, 0, 0.0
-    it = source.loader("test", batch_size=batch_size, limit=limit)
-    for x, y in tqdm(it, desc="eval", leave=False, disable=not progress):
+    sampler = distributed.shard(len(source.split("test", limit)), ctx) if ctx.distributed else None
+    it = source.loader("test", batch_size=batch_size, limit=limit, sampler=sampler)
+    for x, y in tqdm(it, desc="eval", leave=False, disable=not (progress and ctx.is_main)):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         out = model(x)
         loss_sum += F.cross_entropy(out, y, reduction="sum").item()
         correct += (out.argmax(1) == y).sum().item()
         total += len(y)
+    if ctx.distributed:
+        correct, total, loss_sum = distributed.all_reduce_sum([correct, total, loss_sum], ctx)
+        correct, total = int(correct), int(total)
     return {"top1": correct / max(total, 1), "loss": loss_sum / max(total, 1), "images": total}
 
 
@@ -91,74 +108,131 @@ def _make_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, total_steps: i
     return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps, eta_min=cfg.lr * 1e-3)
 
 
+def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+
+
+def _restore_schedule(cfg: TrainConfig, opt: torch.optim.Optimizer, resume_state: dict[str, Any] | None,
+                      start_epoch: int, steps_per_epoch: int):
+    """The interrupted run's schedule when the plan is the same (epochs, steps per epoch), else a fresh one."""
+    saved = resume_state or {}
+    same_plan = (saved.get("train_config", {}).get("epochs") == cfg.epochs
+                 and saved.get("steps_per_epoch", steps_per_epoch) == steps_per_epoch)
+    if resume_state and same_plan:  # an interrupted run: continue its schedule exactly
+        sched = _make_scheduler(cfg, opt, cfg.epochs * steps_per_epoch)
+        sched.load_state_dict(resume_state["scheduler"])
+        return sched
+    # a new run, more epochs than first planned, or another world size: a fresh schedule over what is left
+    for g in opt.param_groups:
+        g.pop("initial_lr", None), g.pop("max_lr", None), g.pop("min_lr", None)
+        g["lr"] = cfg.lr
+    return _make_scheduler(cfg, opt, (cfg.epochs - start_epoch) * steps_per_epoch)
+
+
+def _train_epoch(net: nn.Module, bar: tqdm, opt: torch.optim.Optimizer, sched, criterion: nn.Module,
+                 aug: Callable[[torch.Tensor], torch.Tensor], ctx: DistContext) -> tuple[float, float, float]:
+    """One pass over the batches of ``bar``; returns (summed loss, correct, images), summed over all ranks."""
+    loss_sum, seen, correct = 0.0, 0, 0
+    for x, y in bar:
+        x = aug(x)  # on the CPU, with the CPU generator
+        x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
+        out = net(x)
+        loss = criterion(out, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        loss_sum += loss.item() * len(y)
+        correct += (out.argmax(1) == y).sum().item()
+        seen += len(y)
+        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
+    if ctx.distributed:
+        loss_sum, correct, seen = distributed.all_reduce_sum([loss_sum, correct, seen], ctx)
+    return loss_sum, correct, seen
+
+
 def fit(model: nn.Module, source: DataSource, cfg: TrainConfig, output: str | os.PathLike | None = None,
         resume_state: dict[str, Any] | None = None, meta: dict[str, Any] | None = None,
-        progress: bool = True) -> dict[str, Any]:
+        progress: bool = True, dist: DistContext | None = None,
+        convert: Sequence[distributed.Converter] = ()) -> dict[str, Any]:
     """Train ``model`` on ``source``'s train split; evaluate on its test split after every epoch.
 
     Returns ``{"epoch", "history": [...], "final": {...}}``; writes ``output`` after every epoch if given.
+    ``dist`` (default: the process group already up, else one process on the model's device) runs it as
+    DDP: ``cfg.batch_size`` images per process and step, a DistributedSampler share of the train split per
+    rank, metrics summed over ranks, rank 0 alone writing ``output``.  ``convert`` steps prepare the module
+    before DDP wraps it (the QAT hook, see :func:`compress.distributed.wrap_model`).  ``model`` is trained in
+    place and handed back on the device it came on, with plain BatchNorm.
     """
     if not source.has_labels:
         raise UserError("training needs labels: use fashion-mnist or imagefolder:PATH, not synthetic")
+    home = next(model.parameters()).device
+    ctx = dist or distributed.current(home)
+    progress = progress and ctx.is_main
     torch.manual_seed(cfg.seed)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.momentum = cfg.bn_momentum
     train_set = source.split("train", cfg.limit_train)
-    steps_per_epoch = max(1, len(train_set) // cfg.batch_size)
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.ndim <= 1 else decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    start_epoch, history = 0, []
-    if resume_state:
-        opt.load_state_dict(resume_state["optimizer"])
-        start_epoch = int(resume_state["epoch"])
-        history = list(resume_state.get("history", []))
-    saved_epochs = (resume_state or {}).get("train_config", {}).get("epochs")
-    if resume_state and saved_epochs == cfg.epochs:  # an interrupted run: continue its schedule exactly
-        sched = _make_scheduler(cfg, opt, cfg.epochs * steps_per_epoch)
-        sched.load_state_dict(resume_state["scheduler"])
-    else:  # a new run, or more epochs than first planned: a fresh schedule over the remaining epochs
-        for g in opt.param_groups:
-            g.pop("initial_lr", None), g.pop("max_lr", None), g.pop("min_lr", None)
-            g["lr"] = cfg.lr
-        sched = _make_scheduler(cfg, opt, (cfg.epochs - start_epoch) * steps_per_epoch)
-    scale = source.preprocess.input_size[0] / 32.0
-    pad = int(round(cfg.pad_crop * scale))
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-        loader = source.loader("train", batch_size=cfg.batch_size, shuffle=True, limit=cfg.limit_train,
-                               seed=cfg.seed * 1000 + epoch, drop_last=len(train_set) >= cfg.batch_size)
-        t0, loss_sum, seen, correct = time.time(), 0.0, 0, 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
-        for x, y in bar:
-            x = augment(x, pad, cfg.hflip, gen)
-            out = model(x)
-            loss = criterion(out, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            loss_sum += loss.item() * len(y)
-            correct += (out.argmax(1) == y).sum().item()
-            seen += len(y)
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
-        if not math.isfinite(loss_sum):
-            raise UserError(f"training diverged at epoch {epoch + 1} (loss is not finite); lower --lr")
-        test = evaluate(model, source, cfg.limit_test, cfg.eval_batch_size)
-        record = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_top1": correct / max(seen, 1),
-                  "test_top1": test["top1"], "test_loss": test["loss"], "seconds": round(time.time() - t0, 1)}
-        history.append(record)
-        if progress:
-            tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}: train loss {record['train_loss']:.4f} "
-                       f"test top-1 {100 * record['test_top1']:.2f}% ({record['seconds']:.0f}s)")
-        if output is not None:
-            save_checkpoint(output, model, **(meta or {}), epoch=epoch + 1, history=history,
-                            optimizer=opt.state_dict(), scheduler=sched.state_dict(), train_config=asdict(cfg))
+    sampler = distributed.train_sampler(train_set, ctx, cfg.seed)
+    per_rank = len(sampler) if sampler is not None else len(train_set)
+    if per_rank == 0:
+        raise UserError(f"{len(train_set)} training images cannot be shared by {ctx.world_size} processes")
+    steps_per_epoch = max(1, per_rank // cfg.batch_size)  # the loader below yields exactly this many batches
+    if ctx.distributed and progress:
+        tqdm.write(f"world_size={ctx.world_size} backend={ctx.backend} device={ctx.device} "
+                   f"batch {cfg.batch_size}/process ({cfg.batch_size * ctx.world_size} per step), "
+                   f"{steps_per_epoch} steps/epoch")
+    net = distributed.wrap_model(model, ctx, cfg.sync_bn, convert)
+    module = distributed.inner(net)
+    try:
+        opt = _make_optimizer(module, cfg)
+        start_epoch, history = 0, []
+        if resume_state:
+            opt.load_state_dict(resume_state["optimizer"])
+            start_epoch = int(resume_state["epoch"])
+            history = list(resume_state.get("history", []))
+        sched = _restore_schedule(cfg, opt, resume_state, start_epoch, steps_per_epoch)
+        scale = source.preprocess.input_size[0] / 32.0
+        pad = int(round(cfg.pad_crop * scale))
+        criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        for epoch in range(start_epoch, cfg.epochs):
+            net.train()
+            # one augmentation stream per rank; world_size 1, rank 0 gives the single-process stream unchanged
+            gen = torch.Generator().manual_seed((cfg.seed * 1000 + epoch) * ctx.world_size + ctx.rank)
+            if sampler is not None:
+                sampler.set_epoch(epoch)
+            loader = source.loader("train", batch_size=cfg.batch_size, shuffle=True, limit=cfg.limit_train,
+                                   seed=cfg.seed * 1000 + epoch, drop_last=per_rank >= cfg.batch_size,
+                                   sampler=sampler)
+            t0 = time.time()
+            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
+            loss_sum, correct, seen = _train_epoch(net, bar, opt, sched, criterion,
+                                                   lambda x: augment(x, pad, cfg.hflip, gen), ctx)
+            if not math.isfinite(loss_sum):  # the same verdict on every rank: the sum is reduced
+                raise UserError(f"training diverged at epoch {epoch + 1} (loss is not finite); lower --lr")
+            distributed.broadcast_buffers(module, ctx)  # every rank evaluates and holds rank 0's BN statistics
+            test = evaluate(module, source, cfg.limit_test, cfg.eval_batch_size, dist=ctx)
+            record = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
+                      "train_top1": correct / max(seen, 1), "test_top1": test["top1"], "test_loss": test["loss"],
+                      "seconds": round(time.time() - t0, 1)}
+            history.append(record)
+            if progress:
+                tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}: train loss {record['train_loss']:.4f} "
+                           f"test top-1 {100 * record['test_top1']:.2f}% ({record['seconds']:.0f}s)")
+            if output is not None:
+                if ctx.is_main:
+                    save_checkpoint(output, module, **(meta or {}), epoch=epoch + 1, history=history,
+                                    optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                                    train_config=asdict(cfg), steps_per_epoch=steps_per_epoch,
+                                    world_size=ctx.world_size)
+                distributed.barrier(ctx)  # no rank runs ahead of a checkpoint still being written
+    finally:
+        distributed.unwrap_model(net).to(home)
     final = history[-1] if history else {}
     return {"epoch": cfg.epochs, "history": history, "final": final}
 
@@ -166,11 +240,13 @@ def fit(model: nn.Module, source: DataSource, cfg: TrainConfig, output: str | os
 def train(arch: str | None = None, width_mult: float | None = None, minimalistic: bool | None = None,
           num_classes: int | None = None, dataset: str = "fashion-mnist", input_size: int | None = None,
           weights: str | None = None, resume: str | None = None, output: str | os.PathLike | None = None,
-          config: TrainConfig = TrainConfig(), progress: bool = True) -> dict[str, Any]:
+          config: TrainConfig = TrainConfig(), progress: bool = True, device: str = "cpu") -> dict[str, Any]:
     """Build (or load) a model, train it with ``config`` and write the checkpoint ``output``.
 
     ``resume`` continues a checkpoint written here: same architecture and data, the epoch count goes on to
-    ``config.epochs`` (the total), with optimizer and scheduler state restored.
+    ``config.epochs`` (the total), with optimizer and scheduler state restored.  ``device``: cpu, cuda or
+    auto.  Under ``torchrun`` every process runs this and joins the process group (rank 0 writes ``output``);
+    the result's ``rank`` and ``world_size`` say which process returned it.
     """
     resume_state = None
     if resume is not None:
@@ -185,7 +261,7 @@ def train(arch: str | None = None, width_mult: float | None = None, minimalistic
         if int(resume_state["epoch"]) >= config.epochs:
             raise UserError(f"{resume} already has {resume_state['epoch']} epochs; ask for more with --epochs")
     source = open_dataset(dataset, input_size)
-    torch.manual_seed(config.seed)  # the initial weights depend on the seed too
+    torch.manual_seed(config.seed)  # the initial weights depend on the seed too (the same on every rank)
     loaded: LoadedModel = load_model(weights, arch, width_mult, minimalistic,
                                      num_classes or (None if weights else source.num_classes))
     if source.num_classes is not None and loaded.spec.num_classes != source.num_classes:
@@ -195,7 +271,9 @@ def train(arch: str | None = None, width_mult: float | None = None, minimalistic
             "preprocess": source.preprocess.to_json()}
     if output is not None:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
-    result = fit(loaded.model, source, config, output, resume_state, meta, progress)
+    with distributed.session(device) as ctx:
+        result = fit(loaded.model, source, config, output, resume_state, meta, progress, dist=ctx)
     result.update({"output": str(output) if output else None, "arch": loaded.spec.arch, "dataset": source.name,
-                   "input_size": meta["input_size"]})
+                   "input_size": meta["input_size"], "device": str(ctx.device), "rank": ctx.rank,
+                   "world_size": ctx.world_size})
     return result
