@@ -1,0 +1,401 @@
+"""The one loader that reads and validates recipe files.
+
+A recipe is a TOML file (``recipes/NAME.toml`` or any path) with ``version = 1``, a ``name``, a one-line
+``description`` and the sections below; each section is a frozen dataclass that validates itself, so a
+typo fails with a message naming the key and the allowed keys or values::
+
+    version = 1
+    name = "int8"
+    description = "..."
+
+    [quantize]        # QuantizeConfig: formats, types, activation forms, exclusions
+    [calibration]     # CalibrationConfig: method and size of the train-split subset
+    [tuning]          # TuningConfig: accuracy-driven fallback (neural-compressor), off unless enabled
+
+:meth:`Recipe.to_toml` writes the resolved recipe (every default filled in) beside each output, and
+:func:`load_recipe` reads it back unchanged.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping, get_args, get_origin, get_type_hints
+
+from compress.errors import UserError
+
+__all__ = ["Recipe", "QuantizeConfig", "CalibrationConfig", "TuningConfig", "RecipeError", "load_recipe",
+           "list_recipes", "recipe_from_dict", "RECIPES_DIR", "HSWISH_FORMS", "HARD_SIGMOID_FORMS",
+           "CALIBRATION_METHODS"]
+
+RECIPES_DIR = Path(__file__).resolve().parent
+RECIPE_VERSION = 1
+FORMATS = ("qdq",)
+WEIGHT_TYPES = ("int8",)
+ACTIVATION_TYPES = ("uint8", "int8")
+REDUCE_RANGE = ("auto", "always", "never")
+# How h-swish reaches ORT (see compress/graph_passes.py; the choice is measured in benchmarks/int8_latency.py):
+#   hardswish      one HardSwish op (what torch exports)
+#   x_hardsigmoid  x * HardSigmoid(x)
+#   x_relu6        x * Clip(x + 3, 0, 6) * (1/6)
+HSWISH_FORMS = ("hardswish", "x_hardsigmoid", "x_relu6")
+# The SE gate (torch Hardsigmoid):  op     one HardSigmoid op
+#                                   relu6  Clip(x + 3, 0, 6) * (1/6), the + 3 folded into fc2's bias
+HARD_SIGMOID_FORMS = ("op", "relu6")
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+TUNING_ENGINES = ("neural-compressor",)
+TUNING_CRITERIA = ("relative", "absolute")
+TUNING_METRICS = ("retained_top1", "top1")
+
+
+class RecipeError(UserError):
+    """A recipe that does not validate; the message names the file, the key and what is allowed."""
+
+
+def _allowed(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key} = {value!r} is not allowed; allowed values: {', '.join(map(repr, allowed))}")
+
+
+def _check_range(key: str, value: float, lo: float, hi: float, lo_open: bool = False) -> None:
+    ok = (value > lo if lo_open else value >= lo) and value <= hi
+    if not ok or (isinstance(value, float) and math.isnan(value)):
+        left = "(" if lo_open else "["
+        raise ValueError(f"{key} = {value!r} is out of range; allowed: {left}{lo}, {hi}]")
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """How the float graph becomes a QDQ int8 graph (onnxruntime.quantization.quantize_static)."""
+
+    format: str = "qdq"
+    weight_type: str = "int8"
+    activation_type: str = "uint8"
+    per_channel: bool = True
+    reduce_range: str = "auto"  # auto: 7-bit weights only on CPUs without VNNI (ORT's U8S8 saturation advice)
+    hswish: str = "hardswish"
+    hard_sigmoid: str = "op"
+    # hard-sigmoid outputs are in [0, 1] (scale 1/255, zero point 0 for uint8) and relu6 outputs in [0, 6]
+    # (scale 6/255): fixed quantization parameters instead of calibrated ones
+    hard_sigmoid_fixed_qparams: bool = True
+    quantize_head: bool = True  # the classifier Gemms
+    nodes_to_exclude: tuple[str, ...] = ()  # node names or fnmatch patterns kept in fp32
+    min_int8_conv_fraction: float = 0.9
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "nodes_to_exclude", tuple(self.nodes_to_exclude))
+        _allowed("format", self.format, FORMATS)
+        _allowed("weight_type", self.weight_type, WEIGHT_TYPES)
+        _allowed("activation_type", self.activation_type, ACTIVATION_TYPES)
+        _allowed("reduce_range", self.reduce_range, REDUCE_RANGE)
+        _allowed("hswish", self.hswish, HSWISH_FORMS)
+        _allowed("hard_sigmoid", self.hard_sigmoid, HARD_SIGMOID_FORMS)
+        _check_range("min_int8_conv_fraction", self.min_int8_conv_fraction, 0.0, 1.0)
+        if any(not n for n in self.nodes_to_exclude):
+            raise ValueError("nodes_to_exclude must not contain empty names")
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Which train-split images calibrate the activation ranges, and how ranges are computed."""
+
+    method: str = "minmax"
+    size: int = 512  # images drawn (deterministically, by ``seed``) from the TRAIN split
+    batch_size: int = 32
+    percentile: float = 99.999  # percentile method only
+    num_bins: int = 2048  # histogram bins for percentile / entropy
+    symmetric_activations: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _allowed("method", self.method, CALIBRATION_METHODS)
+        _check_range("size", self.size, 1, 1_000_000)
+        _check_range("batch_size", self.batch_size, 1, 4096)
+        _check_range("percentile", self.percentile, 50.0, 100.0, lo_open=True)
+        _check_range("num_bins", self.num_bins, 128, 65536)
+
+
+@dataclass(frozen=True)
+class TuningConfig:
+    """Accuracy-driven tuning: try calibration methods, then fall back the most sensitive layers to fp32.
+
+    The accuracy that drives the tuning is measured on ``eval_size`` TRAIN-split images that calibration does
+    not use; the test split only measures the final result.
+    """
+
+    enabled: bool = False
+    engine: str = "neural-compressor"
+    criterion: str = "relative"
+    # retained_top1: images the float model AND the int8 model get right (gains do not cancel losses); top1
+    metric: str = "retained_top1"
+    tolerable_loss: float = 0.005  # 0.005 relative = at most 0.5 % of the float accuracy may be lost
+    max_trials: int = 24
+    eval_size: int = 2000
+    calibration_methods: tuple[str, ...] = ("minmax", "percentile", "entropy")
+    max_fallback_fraction: float = 0.1  # never keep more than this fraction of convs in fp32
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "calibration_methods", tuple(self.calibration_methods))
+        _allowed("engine", self.engine, TUNING_ENGINES)
+        _allowed("criterion", self.criterion, TUNING_CRITERIA)
+        _allowed("metric", self.metric, TUNING_METRICS)
+        _check_range("tolerable_loss", self.tolerable_loss, 0.0, 1.0)
+        _check_range("max_trials", self.max_trials, 1, 10_000)
+        _check_range("eval_size", self.eval_size, 10, 1_000_000)
+        _check_range("max_fallback_fraction", self.max_fallback_fraction, 0.0, 1.0)
+        if not self.calibration_methods:
+            raise ValueError("calibration_methods must list at least one method")
+        for m in self.calibration_methods:
+            _allowed("calibration_methods[]", m, CALIBRATION_METHODS)
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """NetAdapt channel pruning (``mnv3-compress prune``, see compress/netadapt.py); unused by other commands.
+
+    Proposals are scored on ``eval_images`` held-out TRAIN images; the test split only measures the result.
+    """
+
+    target_latency_ratio: float = 0.6  # stop once measured latency <= this x the unpruned model's
+    delta_ratio: float = 0.01  # each proposal cuts predicted latency by >= delta_ratio x the seed latency
+    importance: str = "bn"  # channel importance: "l1" / "l2" filter norm, "bn" (|gamma|; kept the most accuracy)
+    selection: str = "ratio"  # "ratio": max dAcc/|dLatency| (MobileNetV3); "min_drop": max accuracy (NetAdapt)
+    finetune_steps: int = 10  # short fine-tune of every proposal (train batches)
+    final_finetune_epochs: int = 2
+    eval_images: int = 2000
+    batch_size: int = 128
+    lr: float = 0.0001  # short fine-tunes (cosine decay); 1e-3 lowers a converged model's accuracy
+    final_lr: float = 0.001  # final fine-tune (one-cycle)
+    threads: int = 1  # onnxruntime intra-op threads of the deployment
+    batch: int = 1  # images per forward pass of the deployment
+    max_iterations: int = 100
+    torch_threads: int = 1  # threads for the fine-tunes (0: torch's default)
+    seed: int = 0
+    quantize_after: bool = False  # then apply [quantize] / [calibration] to the pruned network (netadapt-int8)
+
+    def __post_init__(self) -> None:
+        _check_range("target_latency_ratio", self.target_latency_ratio, 0.0, 1.0, lo_open=True)
+        _check_range("delta_ratio", self.delta_ratio, 0.0, 0.5, lo_open=True)
+        _allowed("importance", self.importance, ("l1", "l2", "bn"))
+        _allowed("selection", self.selection, ("ratio", "min_drop"))
+        _check_range("finetune_steps", self.finetune_steps, 0, 100_000)
+        _check_range("final_finetune_epochs", self.final_finetune_epochs, 0, 1000)
+        _check_range("eval_images", self.eval_images, 100, 1_000_000)
+        _check_range("batch_size", self.batch_size, 1, 4096)
+        _check_range("lr", self.lr, 0.0, 1.0, lo_open=True)
+        _check_range("final_lr", self.final_lr, 0.0, 1.0, lo_open=True)
+        _check_range("threads", self.threads, 1, 1024)
+        _check_range("batch", self.batch, 1, 4096)
+        _check_range("max_iterations", self.max_iterations, 1, 10_000)
+        _check_range("torch_threads", self.torch_threads, 0, 1024)
+
+
+SECTIONS: dict[str, type] = {"quantize": QuantizeConfig, "calibration": CalibrationConfig, "tuning": TuningConfig,
+                             "prune": PruneConfig}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A validated recipe; ``source`` is where it was read from (not part of the TOML)."""
+
+    name: str
+    description: str
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    tuning: TuningConfig = field(default_factory=TuningConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)  # optional section: only 'prune' reads it
+    version: int = RECIPE_VERSION
+    source: str | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.version != RECIPE_VERSION:
+            raise ValueError(f"version = {self.version!r} is not supported; allowed values: {RECIPE_VERSION}")
+        if not self.name.strip():
+            raise ValueError("name must not be empty")
+        if "\n" in self.description or not self.description.strip():
+            raise ValueError("description must be one non-empty line")
+        if self.quantize.min_int8_conv_fraction > 1 - self.tuning.max_fallback_fraction + 1e-9 and self.tuning.enabled:
+            raise ValueError(f"tuning.max_fallback_fraction = {self.tuning.max_fallback_fraction} would break "
+                             f"quantize.min_int8_conv_fraction = {self.quantize.min_int8_conv_fraction}; "
+                             f"allowed: max_fallback_fraction <= 1 - min_int8_conv_fraction")
+
+    def replace(self, **changes: Any) -> "Recipe":
+        """A copy with whole sections or top-level fields replaced (sections stay validated)."""
+        return dataclasses.replace(self, **changes)
+
+    def with_overrides(self, section: str, **changes: Any) -> "Recipe":
+        """A copy with keys of one section changed, e.g. ``with_overrides('calibration', size=256)``."""
+        if section not in SECTIONS:
+            raise RecipeError(f"unknown recipe section [{section}]; allowed: {', '.join(SECTIONS)}")
+        try:
+            return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **changes)})
+        except (TypeError, ValueError) as e:
+            raise RecipeError(f"recipe {self.name}: [{section}] {e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"version": self.version, "name": self.name, "description": self.description}
+        for s in SECTIONS:
+            out[s] = {f.name: _plain(getattr(getattr(self, s), f.name)) for f in fields(getattr(self, s))}
+        return out
+
+    def to_toml(self) -> str:
+        return dump_toml(self.to_dict())
+
+
+def _plain(v: Any) -> Any:
+    return list(v) if isinstance(v, tuple) else v
+
+
+# -- reading ---------------------------------------------------------------------------------------
+
+_TYPES_CACHE: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _TYPES_CACHE:
+        _TYPES_CACHE[cls] = get_type_hints(cls)
+    return _TYPES_CACHE[cls]
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check a TOML value against a field annotation (bool, int, float, str, tuple[str, ...])."""
+    def tname(t: Any) -> str:
+        return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(t, str(t))
+
+    if get_origin(hint) is tuple:
+        (item,) = [a for a in get_args(hint) if a is not Ellipsis]
+        if not isinstance(value, list):
+            raise ValueError(f"{key} must be a list of {tname(item)}s, got {value!r}")
+        return tuple(_coerce(f"{key}[]", v, item) for v in value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{key} must be true or false, got {value!r}")
+    elif hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{key} must be an integer, got {value!r}")
+    elif hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{key} must be a number, got {value!r}")
+        value = float(value)
+    elif hint is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{key} must be a string, got {value!r}")
+    return value
+
+
+def _section(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise RecipeError(f"{where}: [{cls.__name__}] must be a table")
+    names = [f.name for f in fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise RecipeError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed keys: {', '.join(names)}")
+    hints = _hints(cls)
+    try:
+        kwargs = {k: _coerce(k, v, hints[k]) for k, v in data.items()}
+        return cls(**kwargs)
+    except ValueError as e:
+        raise RecipeError(f"{where}: {e}") from None
+
+
+def recipe_from_dict(data: Mapping[str, Any], source: str = "<recipe>") -> Recipe:
+    """Validate a parsed TOML document into a :class:`Recipe` (RecipeError names key and allowed values)."""
+    top = {"version", "name", "description", *SECTIONS}
+    unknown = sorted(set(data) - top)
+    if unknown:
+        raise RecipeError(f"recipe {source}: unknown key(s) {', '.join(unknown)}; allowed keys: "
+                          f"version, name, description, and the sections [{'], ['.join(SECTIONS)}]")
+    for key in ("version", "name", "description"):
+        if key not in data:
+            raise RecipeError(f"recipe {source}: missing required key {key!r} (every recipe needs version = "
+                              f"{RECIPE_VERSION}, a name and a one-line description)")
+    if isinstance(data["version"], bool) or data["version"] != RECIPE_VERSION:
+        raise RecipeError(f"recipe {source}: version = {data['version']!r} is not supported; allowed values: "
+                          f"{RECIPE_VERSION}")
+    for key in ("name", "description"):
+        if not isinstance(data[key], str):
+            raise RecipeError(f"recipe {source}: {key} must be a string, got {data[key]!r}")
+    sections = {s: _section(cls, data.get(s, {}), f"recipe {source} [{s}]") for s, cls in SECTIONS.items()}
+    try:
+        return Recipe(name=data["name"], description=data["description"], version=RECIPE_VERSION,
+                      source=source, **sections)
+    except ValueError as e:
+        raise RecipeError(f"recipe {source}: {e}") from None
+
+
+def _is_path(name_or_path: str) -> bool:
+    return name_or_path.endswith(".toml") or os.sep in name_or_path or "/" in name_or_path
+
+
+def recipe_path(name_or_path: str | os.PathLike) -> Path:
+    """Resolve a recipe name (``int8``) to ``recipes/int8.toml``; a path is returned as it is."""
+    s = str(name_or_path)
+    if _is_path(s) or Path(s).is_file():
+        p = Path(s).expanduser()
+        if not p.is_file():
+            raise RecipeError(f"recipe file not found: {p}")
+        return p
+    p = RECIPES_DIR / f"{s}.toml"
+    if not p.is_file():
+        names = ", ".join(r.name for r in list_recipes()) or "(none)"
+        raise RecipeError(f"unknown recipe {s!r}; built-in recipes: {names} (or pass a path to a .toml file)")
+    return p
+
+
+def load_recipe(name_or_path: str | os.PathLike) -> Recipe:
+    """Read and validate a recipe by built-in name or by path to a TOML file."""
+    p = recipe_path(name_or_path)
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(f"recipe {p}: not valid TOML: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(f"cannot read recipe {p}: {e}") from None
+    return recipe_from_dict(data, source=str(p))
+
+
+def list_recipes() -> list[Recipe]:
+    """The built-in recipes (``recipes/*.toml``), sorted by name."""
+    return sorted((load_recipe(p) for p in RECIPES_DIR.glob("*.toml")), key=lambda r: r.name)
+
+
+# -- writing ---------------------------------------------------------------------------------------
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v) or math.isinf(v):
+            raise ValueError(f"cannot write {v!r} to TOML")
+        return repr(v)
+    if isinstance(v, str):
+        out = ['"']
+        for ch in v:
+            if ch in '"\\':
+                out.append("\\" + ch)
+            elif ch == "\n":
+                out.append("\\n")
+            elif ch == "\t":
+                out.append("\\t")
+            elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+                out.append(f"\\u{ord(ch):04x}")
+            else:
+                out.append(ch)
+        return "".join(out) + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def dump_toml(doc: Mapping[str, Any]) -> str:
+    """A tiny TOML emitter for flat documents: scalars and lists at the top, then one level of tables."""
+    lines = [f"{k} = {_toml_value(v)}" for k, v in doc.items() if not isinstance(v, Mapping)]
+    for k, v in doc.items():
+        if isinstance(v, Mapping):
+            lines += ["", f"[{k}]"] + [f"{kk} = {_toml_value(vv)}" for kk, vv in v.items()]
+    return "\n".join(lines) + "\n"
