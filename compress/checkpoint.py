@@ -18,6 +18,7 @@ import dataclasses
 import os
 import pickle
 import re
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,15 +50,23 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
     if not p.is_file():
         raise UserError(f"weights path is not a file: {p}")
     try:
-        return torch.load(p, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols before failing: keep stderr one line
+            warnings.simplefilter("ignore")
+            return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e) or "GLOBAL" in str(e):
-            raise UserError(f"refusing to load {p}: it is not a plain weights file (it would run code "
-                            f"or needs non-tensor objects; only weights_only checkpoints are accepted)") from None
+        # torch's weights-only unpickler names the global a pickle would import ("GLOBAL posix.system"); any
+        # other failure ("Unsupported operand 0") is a file that is not a checkpoint at all
+        found = re.search(r"GLOBAL (\S+)|[Uu]nsupported global:? (?:GLOBAL )?(\S+)", str(e))
+        if found:
+            raise UserError(f"refusing to load {p}: it is not a plain weights file (it imports "
+                            f"{(found.group(1) or found.group(2)).rstrip('.,')}, which could run code; only "
+                            f"weights_only checkpoints are accepted)") from None
+        detail = str(e).split("WeightsUnpickler error:")[-1]
+        lines = [ln.strip() for ln in detail.splitlines() if ln.strip()]
+        first = lines[0][:200] if lines else type(e).__name__
         raise UserError(f"cannot read weights {p}: corrupt or not a PyTorch checkpoint ({first})") from None
     except (RuntimeError, EOFError, OSError, ValueError, AttributeError, KeyError, IndexError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot read weights {p}: corrupt or not a PyTorch checkpoint ({first[:200]})") from None
 
 

@@ -17,6 +17,8 @@ from compress.errors import UserError
 def ensure_dir(path: str | os.PathLike) -> Path:
     """Create ``path`` (and parents); fail with a one-line UserError if it is not writable."""
     p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UserError(f"cannot create output directory {p}: a file of that name exists")
     try:
         p.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -33,6 +35,9 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     ensure_dir(target.parent if str(target.parent) else ".")
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; outputs get the usual permissions
     tmp_path = Path(tmp)
     try:
         yield tmp_path

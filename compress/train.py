@@ -26,6 +26,7 @@ from compress import distributed
 from compress.checkpoint import LoadedModel, load_model, read_checkpoint, save_checkpoint
 from compress.distributed import DistContext
 from compress.errors import UserError
+from compress.io import ensure_dir
 
 SCHEDULES = ("onecycle", "cosine")
 
@@ -270,7 +271,7 @@ def train(arch: str | None = None, width_mult: float | None = None, minimalistic
     meta = {"dataset": source.name, "input_size": source.preprocess.input_size[0], "seed": config.seed,
             "preprocess": source.preprocess.to_json()}
     if output is not None:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        ensure_dir(Path(output).parent)  # fail now (one line), not after the first epoch
     with distributed.session(device) as ctx:
         result = fit(loaded.model, source, config, output, resume_state, meta, progress, dist=ctx)
     result.update({"output": str(output) if output else None, "arch": loaded.spec.arch, "dataset": source.name,
