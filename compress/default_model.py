@@ -12,14 +12,16 @@ import re
 from pathlib import Path
 
 from calibration.datasets import DataSource, open_dataset
-from compress.checkpoint import LoadedModel, load_model
+from compress.checkpoint import LoadedModel, load_model, read_checkpoint
 from compress.errors import UserError
 from compress.train import TrainConfig, train
 
 HOME_ENV = "MNV3_COMPRESS_HOME"
 DEFAULT_ARCH = "mobilenet_v3_small"
 DEFAULT_DATASET = "fashion-mnist"
-DEFAULT_TRAIN = TrainConfig(epochs=5, batch_size=128, lr=3e-3, schedule="onecycle", seed=0)
+# Measured (3 epochs on 15k images, 3k test images): no random crop and lr 5e-3 gave 86.0 % top-1 against
+# 82.8 % with 2-pixel random crops and lr 3e-3 -- a 5-epoch budget underfits, so augmentation costs accuracy.
+DEFAULT_TRAIN = TrainConfig(epochs=5, batch_size=128, lr=5e-3, pad_crop=0, hflip=True, schedule="onecycle", seed=0)
 
 
 def home() -> Path:
@@ -42,12 +44,20 @@ def default_model(arch: str | None = None, dataset: str = DEFAULT_DATASET, input
         return load_model(None, arch, num_classes=1000)
     path = default_checkpoint_path(arch, source)
     if not path.exists():
+        # train into a side file: a half-trained model never sits at the cache path, and an interrupted
+        # run resumes from its last complete epoch next time
+        partial = path.with_name(path.stem + ".partial.pt")
+        resume = str(partial) if partial.exists() else None
+        if resume and int(read_checkpoint(partial).get("epoch", 0)) >= DEFAULT_TRAIN.epochs:
+            os.replace(partial, path)  # finished, but stopped before the rename
+            return load_model(path)
         if progress:
-            print(f"No weights given: training the default {arch} on {source.name} at "
-                  f"{source.preprocess.input_size[0]}x{source.preprocess.input_size[0]} "
-                  f"({DEFAULT_TRAIN.epochs} epochs; cached at {path})", flush=True)
-        train(arch=arch, dataset=dataset, input_size=source.preprocess.input_size[0], output=path,
-              config=DEFAULT_TRAIN, progress=progress)
+            side = source.preprocess.input_size[0]
+            print(f"No weights given: {'resuming' if resume else 'training'} the default {arch} on "
+                  f"{source.name} at {side}x{side} ({DEFAULT_TRAIN.epochs} epochs; cached at {path})", flush=True)
+        train(arch=None if resume else arch, dataset=dataset, input_size=source.preprocess.input_size[0],
+              output=partial, resume=resume, config=DEFAULT_TRAIN, progress=progress)
+        os.replace(partial, path)
     return load_model(path)
 
 

@@ -1,0 +1,45 @@
+"""The embedded default: trained on first use into a side file, cached, resumed after an interruption."""
+import pytest
+
+import compress.default_model as dm
+from compress.checkpoint import read_checkpoint
+from compress.errors import UserError
+from compress.train import TrainConfig, train
+
+TINY = TrainConfig(epochs=2, batch_size=32, lr=5e-3, limit_train=128, limit_test=64, seed=0)
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv(dm.HOME_ENV, str(tmp_path))
+    monkeypatch.setattr(dm, "DEFAULT_TRAIN", TINY)
+    return tmp_path
+
+
+def test_trained_once_then_cached(home, monkeypatch):
+    loaded = dm.default_model(progress=False)
+    path = home / "models" / "mobilenet_v3_small_fashion-mnist_32.pt"
+    assert path.is_file() and not list(path.parent.glob("*.partial.pt"))
+    assert loaded.meta["epoch"] == 2 and loaded.meta["input_size"] == 32 and loaded.spec.num_classes == 10
+
+    def no_training(*a, **k):
+        raise AssertionError("the cached model must not be retrained")
+
+    monkeypatch.setattr(dm, "train", no_training)
+    assert dm.default_model(progress=False).meta["epoch"] == 2
+
+
+def test_interrupted_training_resumes_from_the_side_file(home):
+    models = home / "models"
+    partial = models / "mobilenet_v3_small_fashion-mnist_32.partial.pt"
+    # an earlier run completed 1 of the 2 epochs, then was interrupted
+    train(arch="mobilenet_v3_small", input_size=32, output=partial, config=TINY.__class__(**{**TINY.__dict__, "epochs": 1}),
+          progress=False)
+    loaded = dm.default_model(progress=False)
+    assert loaded.meta["epoch"] == 2 and [h["epoch"] for h in loaded.meta["history"]] == [1, 2]
+    assert not partial.exists()
+
+
+def test_no_default_for_other_widths(home):
+    with pytest.raises(UserError, match="--weights"):
+        dm.resolve_model(width_mult=0.75)
