@@ -6,6 +6,9 @@ No weights can be downloaded on the machines this tool targets, so the default i
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import fcntl
 import hashlib
 import os
 import re
@@ -44,21 +47,49 @@ def default_model(arch: str | None = None, dataset: str = DEFAULT_DATASET, input
         return load_model(None, arch, num_classes=1000)
     path = default_checkpoint_path(arch, source)
     if not path.exists():
-        # train into a side file: a half-trained model never sits at the cache path, and an interrupted
-        # run resumes from its last complete epoch next time
-        partial = path.with_name(path.stem + ".partial.pt")
-        resume = str(partial) if partial.exists() else None
-        if resume and int(read_checkpoint(partial).get("epoch", 0)) >= DEFAULT_TRAIN.epochs:
-            os.replace(partial, path)  # finished, but stopped before the rename
-            return load_model(path)
-        if progress:
-            side = source.preprocess.input_size[0]
-            print(f"No weights given: {'resuming' if resume else 'training'} the default {arch} on "
-                  f"{source.name} at {side}x{side} ({DEFAULT_TRAIN.epochs} epochs; cached at {path})", flush=True)
-        train(arch=None if resume else arch, dataset=dataset, input_size=source.preprocess.input_size[0],
-              output=partial, resume=resume, config=DEFAULT_TRAIN, progress=progress)
-        os.replace(partial, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _exclusive(path.with_name(path.stem + ".lock"), progress):
+            if not path.exists():  # another process may have trained it while we waited
+                _train_default(arch, dataset, source, path, progress)
     return load_model(path)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path, progress: bool):
+    """One process trains a given default model at a time; the others wait for it, then load it."""
+    with open(lock_path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if progress:
+                print(f"Waiting for another process that is training the default model ({lock_path})", flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _train_default(arch: str, dataset: str, source: DataSource, path: Path, progress: bool) -> None:
+    """Train into a side file: a half-trained model never sits at the cache path, and an interrupted
+    run resumes from its last complete epoch next time."""
+    partial = path.with_name(path.stem + ".partial.pt")
+    resume = None
+    if partial.exists():
+        state = read_checkpoint(partial)
+        plan = {k: v for k, v in dataclasses.asdict(DEFAULT_TRAIN).items() if k != "sync_bn"}
+        if all(state.get("train_config", {}).get(k) == v for k, v in plan.items()):
+            resume = str(partial)  # same recipe: continue it
+    if resume and int(read_checkpoint(partial).get("epoch", 0)) >= DEFAULT_TRAIN.epochs:
+        os.replace(partial, path)  # finished, but stopped before the rename
+        return
+    if progress:
+        side = source.preprocess.input_size[0]
+        print(f"No weights given: {'resuming' if resume else 'training'} the default {arch} on "
+              f"{source.name} at {side}x{side} ({DEFAULT_TRAIN.epochs} epochs; cached at {path})", flush=True)
+    train(arch=None if resume else arch, dataset=dataset, input_size=source.preprocess.input_size[0],
+          output=partial, resume=resume, config=DEFAULT_TRAIN, progress=progress)
+    os.replace(partial, path)
 
 
 def resolve_model(weights: str | None = None, arch: str | None = None, width_mult: float | None = None,

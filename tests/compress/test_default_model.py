@@ -4,7 +4,7 @@ import pytest
 import compress.default_model as dm
 from compress.checkpoint import read_checkpoint
 from compress.errors import UserError
-from compress.train import TrainConfig, train
+from compress.train import TrainConfig
 
 TINY = TrainConfig(epochs=2, batch_size=32, lr=5e-3, limit_train=128, limit_test=64, seed=0)
 
@@ -29,14 +29,26 @@ def test_trained_once_then_cached(home, monkeypatch):
     assert dm.default_model(progress=False).meta["epoch"] == 2
 
 
-def test_interrupted_training_resumes_from_the_side_file(home):
-    models = home / "models"
-    partial = models / "mobilenet_v3_small_fashion-mnist_32.partial.pt"
-    # an earlier run completed 1 of the 2 epochs, then was interrupted
-    train(arch="mobilenet_v3_small", input_size=32, output=partial, config=TINY.__class__(**{**TINY.__dict__, "epochs": 1}),
-          progress=False)
-    loaded = dm.default_model(progress=False)
+def test_interrupted_training_resumes_from_the_side_file(home, monkeypatch, capsys):
+    import compress.train as tr
+
+    real_save = tr.save_checkpoint
+
+    def save_then_interrupt(*a, **k):  # Ctrl-C right after the first epoch's checkpoint
+        real_save(*a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tr, "save_checkpoint", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        dm.default_model(progress=False)
+    partial = home / "models" / "mobilenet_v3_small_fashion-mnist_32.partial.pt"
+    first = read_checkpoint(partial)
+    assert first["epoch"] == 1 and not (home / "models" / "mobilenet_v3_small_fashion-mnist_32.pt").exists()
+    monkeypatch.setattr(tr, "save_checkpoint", real_save)
+    loaded = dm.default_model(progress=True)
+    assert "resuming" in capsys.readouterr().out
     assert loaded.meta["epoch"] == 2 and [h["epoch"] for h in loaded.meta["history"]] == [1, 2]
+    assert loaded.meta["history"][0] == first["history"][0]
     assert not partial.exists()
 
 
