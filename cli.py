@@ -219,5 +219,63 @@ def recipes() -> None:
         click.echo(f"{r.name:<14} {r.description}")
 
 
+# == prune =========================================================================================
+@main.command()
+@click.option("--recipe", "-r", default="netadapt", show_default=True, help="Recipe with a [prune] section (netadapt, netadapt-int8) or path to a recipe TOML file.")
+@click.option("--arch", type=click.Choice(ARCH_CHOICES), default=None, help="Architecture (default: the checkpoint's, else mobilenet_v3_small).")
+@click.option("--weights", type=click.Path(dir_okay=False), default=None, help="Trained float checkpoint. Default: the embedded default model.")
+@click.option("--dataset", default="fashion-mnist", show_default=True, help="Fine-tuning and holdout (train split), final evaluation (test split). " + _DATASET_HELP)
+@click.option("--input-size", type=click.IntRange(8), default=None, help="Square input side (default: the checkpoint's, else the dataset's).")
+@click.option("--target-latency-ratio", type=click.FloatRange(0, 1, min_open=True), default=None, help="Stop at this fraction of the unpruned latency (default: the recipe's).")
+@click.option("--limit-test", type=click.IntRange(1), default=None, help="Evaluate the result on the first N test images only (default: the whole test split).")
+@click.option("--output-dir", "-o", type=click.Path(file_okay=False), default=None, help="Where the models and reports go (default: runs/prune-RECIPE).")
+def prune(recipe: str, arch, weights, dataset: str, input_size, target_latency_ratio, limit_test, output_dir) -> None:
+    """NetAdapt channel pruning to a measured-latency target (onnxruntime CPU), then a longer fine-tune.
+
+    Writes model_fp32.onnx (pruned), reference_fp32.onnx, arch.json, model.pt, recipe.toml, report.json (every
+    iteration in 'trajectory', drawn by 'compare') and report.md; netadapt-int8 adds int8/ (the int8 recipe).
+    """
+    from pathlib import Path
+
+    from compress.netadapt import prune as run_prune
+
+    out = output_dir or f"runs/prune-{Path(recipe).stem}"
+    overrides = {} if target_latency_ratio is None else {"target_latency_ratio": target_latency_ratio}
+    r = run_prune(recipe, weights=weights, arch=arch, dataset=dataset, input_size=input_size, output_dir=out,
+                  eval_limit=limit_test, **overrides)
+    for v in r["variants"]:
+        top1 = v["accuracy"]["top1"]
+        lat = (v.get("latency_ms") or {}).get("median")
+        click.echo(f"{v['name']:>14}: top-1 {'n/a' if top1 is None else f'{100 * top1:.2f}%'}"
+                   f"{'' if lat is None else f', latency {lat:.4f} ms'}, {v['params']} params")
+    s = r["summary"]
+    click.echo(f"speedup {s['speedup']:.2f}x, top-1 drop {s['top1_drop_pt']} pt after {s['iterations']} iterations "
+               f"({s['stop']}); report: {Path(r['output_dir']) / 'report.md'}")
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--reference", type=click.Path(dir_okay=False), default=None, help="Another variant of the same network (e.g. the fp32 model): compare per op type and per layer.")
+@click.option("--threads", type=click.IntRange(1), default=1, show_default=True, help="Intra-op threads.")
+@click.option("--batch", type=click.IntRange(1), default=1, show_default=True, help="Images per run.")
+@click.option("--runs", type=click.IntRange(1), default=50, show_default=True, help="Profiled runs (after 10 warm-up runs); kernel times are medians over them.")
+@click.option("--top", type=click.IntRange(1), default=15, show_default=True, help="Longest nodes to list.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the full profile(s) to this JSON file (atomically).")
+def profile(model: str, reference, threads: int, batch: int, runs: int, top: int, json_path) -> None:
+    """Where MODEL spends its time: onnxruntime's profiler per op type, per node and per layer (markdown)."""
+    from compress.io import write_json
+    from eval.profile import compare_profiles, profile_onnx, render_comparison, render_profile
+
+    prof = profile_onnx(model, threads=threads, batch=batch, runs=runs)
+    out = {"model": prof}
+    click.echo(f"## {model}\n\n{render_profile(prof, top=top)}")
+    if reference:
+        out["reference"] = profile_onnx(reference, threads=threads, batch=batch, runs=runs)
+        out["comparison"] = compare_profiles({"reference": out["reference"], "model": prof})
+        click.echo(f"## {reference} (reference) vs {model} (model)\n\n{render_comparison(out['comparison'])}")
+    if json_path:
+        write_json(json_path, out)
+
+
 if __name__ == "__main__":
     main()
