@@ -4,16 +4,19 @@ One entry point, :func:`quantize`, applies a recipe (``recipes/*.toml``):
 
 1. load the model (``--weights``) or the embedded default; export fp32 ONNX with :func:`compress.export.export_onnx`;
 2. shape the float graph (``compress/graph_passes.py``: private Conv/Gemm initializers, the recipe's h-swish
-   form) and run onnxruntime's ``quant_pre_process`` (shape inference, BN folding);
+   form, depthwise convs padded to the channel multiple of ORT's fast int8 depthwise kernel) and run
+   onnxruntime's ``quant_pre_process`` (shape inference, BN folding);
 3. calibrate activation ranges on a deterministic TRAIN-split subset (``calibration/reader.py``) with the
    recipe's method (minmax / percentile / entropy), via ORT's calibrators;
 4. ``quantize_static`` in QDQ format: weights int8 per-channel symmetric, activations per the recipe,
    hard-sigmoid outputs with fixed qparams (TensorQuantOverrides), weights 7-bit (reduce_range) only on CPUs
    without VNNI, as ORT's documentation prescribes against U8S8 saturation;
 5. checks: onnx.checker, the whole network kept, the fraction of convs with int8 weights, ORT runs it;
-6. (recipe ``[tuning]``) accuracy-driven tuning with neural-compressor (``compress/tuning.py``);
+6. (recipe ``[tuning]``) accuracy-driven tuning with neural-compressor (``compress/tuning.py``), or (recipe
+   ``[mixed_precision]``) the latency-aware per-layer int8 / fp32 plan (``compress/mixed_precision.py``);
 7. evaluate fp32 and int8 with ``eval.evaluate`` and write ``model_fp32.onnx``, ``model_int8.onnx``,
-   ``report.json``, ``report.md``, ``recipe.toml`` atomically into the output directory.
+   ``report.json``, ``report.md``, ``recipe.toml`` (and ``mixed_precision.md``, the plan) atomically into the
+   output directory.
 """
 from __future__ import annotations
 
@@ -33,7 +36,8 @@ import onnx
 
 from compress.errors import UserError
 from compress.graph_passes import (GATE_SCALE_SUFFIX, conv_nodes, fixed_range_tensors, fold_gate_scales, op_counts,
-                                   rewrite_hard_sigmoid, rewrite_hswish, unshare_initializers)
+                                   fold_input_pads, pad_depthwise_channels, pad_input_channels, rewrite_hard_sigmoid,
+                                   rewrite_hswish, unshare_initializers)
 from recipes.loader import CalibrationConfig, QuantizeConfig, Recipe, load_recipe
 
 __all__ = ["quantize", "QuantizedGraph", "prepare_float", "calibrate", "quantize_prepared", "int8_checks",
@@ -93,6 +97,10 @@ def prepare_float(fp32: onnx.ModelProto, q: QuantizeConfig, workdir: str | os.Pa
     from onnxruntime.quantization import quant_pre_process
 
     shaped = rewrite_hard_sigmoid(rewrite_hswish(unshare_initializers(fp32), q.hswish), q.hard_sigmoid)
+    if q.depthwise_channel_multiple:
+        shaped, _ = pad_depthwise_channels(shaped, q.depthwise_channel_multiple)
+    if q.pad_input_channels:
+        shaped, _ = pad_input_channels(shaped, 4)
     src = Path(workdir) / "shaped.onnx"
     dst = Path(workdir) / "prepared.onnx"
     onnx.save(shaped, str(src))
@@ -238,6 +246,7 @@ def quantize_prepared(prepared: str | os.PathLike, ranges, recipe: Recipe, workd
             })
         int8 = onnx.load(str(out))
     int8, folded = fold_gate_scales(int8)
+    int8, _ = fold_input_pads(int8)
     return QuantizedGraph(int8, excluded, reduce_range, reason, sorted(overrides), folded)
 
 
@@ -370,6 +379,7 @@ def quantize(recipe: str | os.PathLike | Recipe = "int8", weights: str | os.Path
                                   rec.calibration.seed, progress=progress)
         tuning_report = None
         tuned_recipe = None
+        mixed = None
         if rec.tuning.enabled:
             from compress.tuning import tune
 
@@ -377,7 +387,12 @@ def quantize(recipe: str | os.PathLike | Recipe = "int8", weights: str | os.Path
             qg, tuning_report, tuned_recipe = result.graph, result.report, result.recipe
         else:
             ranges = calibrate(prepared_path, reader, rec.calibration, wd, progress=progress)
-            qg = quantize_prepared(prepared_path, ranges, rec, wd, cpu=cpu)
+            if rec.mixed_precision.enabled:  # latency-aware per-layer int8 / fp32 (compress/mixed_precision.py)
+                from compress.mixed_precision import plan_for_recipe
+
+                mixed = plan_for_recipe(prepared_path, ranges, rec, source, wd, cpu=cpu, threads=threads)
+            qg = quantize_prepared(prepared_path, ranges, rec, wd, cpu=cpu,
+                                   extra_excluded=mixed.nodes_to_exclude if mixed else ())
         timings["quantize_s"] = time.time() - t
         checks = int8_checks(qg.model, prepared, rec.quantize, size)
         facts = {
@@ -428,7 +443,12 @@ def quantize(recipe: str | os.PathLike | Recipe = "int8", weights: str | os.Path
         "checks": checks,
         "cpu": cpu,
         "tuning": tuning_report,
+        "mixed_precision": mixed.report if mixed else None,
         "timings_s": {k: round(v, 2) for k, v in timings.items()} | {"total": round(time.time() - t_start, 2)},
     }
+    if mixed:
+        from compress.mixed_precision import render_plan
+
+        write_text(out / "mixed_precision.md", render_plan(mixed.report))
     write_run_report(out, variants, extra)
     return {"variants": variants, **extra, "output_dir": str(out)}

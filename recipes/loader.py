@@ -11,6 +11,7 @@ typo fails with a message naming the key and the allowed keys or values::
     [quantize]        # QuantizeConfig: formats, types, activation forms, exclusions
     [calibration]     # CalibrationConfig: method and size of the train-split subset
     [tuning]          # TuningConfig: accuracy-driven fallback (neural-compressor), off unless enabled
+    [mixed_precision] # MixedPrecisionConfig: latency-aware per-layer int8 / fp32, off unless enabled
 
 :meth:`Recipe.to_toml` writes the resolved recipe (every default filled in) beside each output, and
 :func:`load_recipe` reads it back unchanged.
@@ -27,8 +28,8 @@ from typing import Any, Mapping, get_args, get_origin, get_type_hints
 
 from compress.errors import UserError
 
-__all__ = ["Recipe", "QuantizeConfig", "CalibrationConfig", "TuningConfig", "RecipeError", "load_recipe",
-           "list_recipes", "recipe_from_dict", "RECIPES_DIR", "HSWISH_FORMS", "HARD_SIGMOID_FORMS",
+__all__ = ["Recipe", "QuantizeConfig", "CalibrationConfig", "TuningConfig", "MixedPrecisionConfig", "RecipeError",
+           "load_recipe", "list_recipes", "recipe_from_dict", "RECIPES_DIR", "HSWISH_FORMS", "HARD_SIGMOID_FORMS",
            "CALIBRATION_METHODS"]
 
 RECIPES_DIR = Path(__file__).resolve().parent
@@ -84,9 +85,18 @@ class QuantizeConfig:
     quantize_head: bool = True  # the classifier Gemms
     nodes_to_exclude: tuple[str, ...] = ()  # node names or fnmatch patterns kept in fp32
     min_int8_conv_fraction: float = 0.9
+    # pad depthwise convs to this channel multiple with zero channels (same function) so onnxruntime's fast
+    # symmetric int8 depthwise kernel applies (it needs groups % 16 == 0 on x86); 0 = off
+    depthwise_channel_multiple: int = 16
+    # pad the stem's 3 input channels to 4 (a Pad of the quantized image with its zero point, zero weights):
+    # MLAS's symmetric int8 conv kernels need input channels % 4 == 0
+    pad_input_channels: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "nodes_to_exclude", tuple(self.nodes_to_exclude))
+        if self.depthwise_channel_multiple not in (0, 4, 8, 16, 32, 64):
+            raise ValueError(f"depthwise_channel_multiple = {self.depthwise_channel_multiple!r} is not allowed; "
+                             f"allowed values: 0 (off), 4, 8, 16, 32, 64")
         _allowed("format", self.format, FORMATS)
         _allowed("weight_type", self.weight_type, WEIGHT_TYPES)
         _allowed("activation_type", self.activation_type, ACTIVATION_TYPES)
@@ -193,8 +203,32 @@ class PruneConfig:
         _check_range("torch_threads", self.torch_threads, 0, 1024)
 
 
+@dataclass(frozen=True)
+class MixedPrecisionConfig:
+    """Latency-aware mixed precision (compress/mixed_precision.py): per layer int8 or fp32 from latency measured
+    with onnxruntime's profiler on this machine and measured accuracy sensitivity, Q/DQ transitions counted."""
+
+    enabled: bool = False
+    # what a fallback must buy back: "auto" = labeled TRAIN holdout accuracy when the dataset has labels, else
+    # agreement with the float model; "accuracy"; "agreement"; "sqnr" (logit SQNR vs float >= 20 dB)
+    sensitivity: str = "auto"
+    tolerable_loss: float = 0.005  # absolute accuracy / agreement loss vs float allowed on the holdout
+    eval_size: int = 1000  # TRAIN-split holdout images (disjoint from calibration)
+    profile_runs: int = 30  # profiled runs per latency measurement
+    min_gain_ms: float = 0.0  # a layer goes to fp32 for speed only if that saves more (ms, transitions counted)
+    max_fp32_fraction: float = 0.25  # at most this fraction of convs in fp32
+
+    def __post_init__(self) -> None:
+        _allowed("sensitivity", self.sensitivity, ("auto", "accuracy", "agreement", "sqnr"))
+        _check_range("tolerable_loss", self.tolerable_loss, 0.0, 1.0)
+        _check_range("eval_size", self.eval_size, 10, 1_000_000)
+        _check_range("profile_runs", self.profile_runs, 3, 10_000)
+        _check_range("min_gain_ms", self.min_gain_ms, 0.0, 1000.0)
+        _check_range("max_fp32_fraction", self.max_fp32_fraction, 0.0, 1.0)
+
+
 SECTIONS: dict[str, type] = {"quantize": QuantizeConfig, "calibration": CalibrationConfig, "tuning": TuningConfig,
-                             "prune": PruneConfig}
+                             "prune": PruneConfig, "mixed_precision": MixedPrecisionConfig}
 
 
 @dataclass(frozen=True)
@@ -207,6 +241,7 @@ class Recipe:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     tuning: TuningConfig = field(default_factory=TuningConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)  # optional section: only 'prune' reads it
+    mixed_precision: MixedPrecisionConfig = field(default_factory=MixedPrecisionConfig)  # off unless enabled
     version: int = RECIPE_VERSION
     source: str | None = field(default=None, compare=False)
 
