@@ -49,6 +49,16 @@ _RELU6_SUFFIX = "/relu6_output"
 _HSIG_SUFFIX = "/gate_output"
 
 
+def _producers_consumers(g: onnx.GraphProto) -> tuple[dict[str, onnx.NodeProto], dict[str, list[onnx.NodeProto]]]:
+    """Who writes each tensor, and who reads it."""
+    producer = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for n in g.node:
+        for i in n.input:
+            consumers[i].append(n)
+    return producer, consumers
+
+
 def op_counts(model: onnx.ModelProto) -> dict[str, int]:
     return dict(Counter(n.op_type for n in model.graph.node))
 
@@ -194,11 +204,7 @@ def pad_depthwise_channels(model: onnx.ModelProto, multiple: int = 16) -> tuple[
     out = copy.deepcopy(model)
     g = out.graph
     inits = {i.name: i for i in g.initializer}
-    producer = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for n in g.node:
-        for i in n.input:
-            consumers[i].append(n)
+    producer, consumers = _producers_consumers(g)
     boundary = {i.name for i in g.input} | {o.name for o in g.output}
     done: set[str] = set()
     padded = 0
@@ -334,11 +340,7 @@ def fold_input_pads(qdq: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     0.0.  Returns the new model and the number of folded pads."""
     out = copy.deepcopy(qdq)
     g = out.graph
-    producer = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for n in g.node:
-        for i in n.input:
-            consumers[i].append(n)
+    producer, consumers = _producers_consumers(g)
     remove: set[int] = set()
     folded = 0
     for pad in list(g.node):
@@ -389,11 +391,7 @@ def fold_gate_scales(qdq: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     out = copy.deepcopy(qdq)
     g = out.graph
     inits = {i.name: i for i in g.initializer}
-    producer = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for n in g.node:
-        for i in n.input:
-            consumers[i].append(n)
+    producer, consumers = _producers_consumers(g)
 
     def value(name: str) -> np.ndarray | None:
         return numpy_helper.to_array(inits[name]) if name in inits else None

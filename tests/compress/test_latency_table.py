@@ -12,12 +12,6 @@ from compress.latency_table import (LatencyTable, agreement, network_units, tabl
 from compress.mobilenetv3 import arch_spec
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_units_cover_the_network_with_their_input_sides():

@@ -14,12 +14,6 @@ from compress.netadapt import holdout_split, propose, select
 from compress.prune import channel_groups, pruned_spec, structure_problems
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_holdout_and_finetune_pool_partition_the_train_split():

@@ -89,7 +89,7 @@ def tiny(source, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def test_subset(source):
+def eval_subset(source):
     images, labels = load_fashion_mnist(FASHION_MNIST_DIR, "test")
     sel = np.flatnonzero(np.isin(labels, CLASSES))[:600]
     return source.preprocess(torch.from_numpy(images[sel])).numpy(), labels[sel]
@@ -114,7 +114,7 @@ def int8_default(tiny, reader, tmp_path_factory):
 
 @pytest.mark.parametrize("hswish, hsig", [("x_hardsigmoid", "op"), ("x_relu6", "op"), ("x_relu6", "relu6"),
                                           ("hardswish", "relu6")])
-def test_activation_forms_compute_the_same_function(tiny, test_subset, hswish, hsig):
+def test_activation_forms_compute_the_same_function(tiny, eval_subset, hswish, hsig):
     fp32 = tiny[2]
     shaped = rewrite_hard_sigmoid(rewrite_hswish(unshare_initializers(fp32), hswish), hsig)
     onnx.checker.check_model(shaped)
@@ -122,7 +122,7 @@ def test_activation_forms_compute_the_same_function(tiny, test_subset, hswish, h
     assert ("HardSwish" in ops) == (hswish == "hardswish")
     if hsig == "relu6":
         assert ops.get("HardSigmoid", 0) == (op_counts(fp32)["HardSwish"] if hswish == "x_hardsigmoid" else 0)
-    x = test_subset[0][:64]
+    x = eval_subset[0][:64]
     np.testing.assert_allclose(_run(shaped, x), _run(fp32, x), rtol=1e-4, atol=1e-4)
 
 
@@ -210,7 +210,7 @@ def test_hard_sigmoid_qparams_are_fixed_not_calibrated(tiny, reader, tmp_path, h
     assert len(qg.fixed_qparams) >= 28
 
 
-def test_folding_gate_scales_is_exact(int8_default, reader, tmp_path, test_subset, monkeypatch):
+def test_folding_gate_scales_is_exact(int8_default, reader, tmp_path, eval_subset, monkeypatch):
     """The int8 graph before and after fold_gate_scales computes the same logits."""
     from compress import graph_passes, quantize as qmod
 
@@ -221,16 +221,16 @@ def test_folding_gate_scales_is_exact(int8_default, reader, tmp_path, test_subse
     folded, n = graph_passes.fold_gate_scales(unfolded)
     assert n == 28 and op_counts(unfolded)["Mul"] - op_counts(folded)["Mul"] == 28
     onnx.checker.check_model(folded)
-    x = test_subset[0][:128]
+    x = eval_subset[0][:128]
     a, b = _run(unfolded, x), _run(folded, x)
     assert np.abs(a - b).max() <= 1e-5 * max(1.0, np.abs(a).max())
 
 
 # -- the int8 model -------------------------------------------------------------------------------------
 
-def test_int8_model_agrees_with_float_on_a_test_subset(tiny, int8_default, test_subset):
+def test_int8_model_agrees_with_float_on_a_test_subset(tiny, int8_default, eval_subset):
     recipe, prepared, qg = int8_default
-    x, y = test_subset
+    x, y = eval_subset
     ref, out = _run(tiny[2], x), _run(qg.model, x)
     assert (ref.argmax(1) == y).mean() >= 0.9  # the float model has learned its two classes
     agreement = (ref.argmax(1) == out.argmax(1)).mean()
