@@ -127,7 +127,10 @@ def test_an_exception_mid_write_leaves_nothing(tmp_path, error):
 @needs_fmnist
 def test_ctrl_c_during_training_keeps_the_last_complete_checkpoint(tmp_path):
     ckpt = tmp_path / "run" / "ck.pt"
-    cmd = [sys.executable, "-c", "from cli import main; main()", "train", "--width-mult", "0.5",
+    # a shell that starts CI in the background makes children ignore SIGINT; restore Python's handler so the
+    # test sees what a user's Ctrl-C does
+    boot = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); from cli import main; main()"
+    cmd = [sys.executable, "-c", boot, "train", "--width-mult", "0.5",
            "--input-size", "32", "--limit-train", "128", "--limit-test", "64", "--batch-size", "32",
            "--epochs", "500", "--device", "cpu", "-o", str(ckpt)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(tmp_path), text=True)
