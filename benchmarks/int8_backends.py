@@ -139,7 +139,7 @@ def _torch_runner(module, size: int, batch: int) -> Callable[[], Any]:
 def interleaved(runners: dict[str, Callable[[], Any]], threads: int, batch: int, rounds: int,
                 round_time_s: float, warmup: int = 5) -> dict[str, dict[str, Any]]:
     """``eval.latency.measure_interleaved`` for callables (ORT sessions and torch modules alike)."""
-    from eval.latency import summarize
+    from eval.latency import summarize_rounds
 
     names = list(runners)
     per_round = {}
@@ -160,15 +160,7 @@ def interleaved(runners: dict[str, Callable[[], Any]], threads: int, batch: int,
                 runners[n]()
                 t.append((time.perf_counter_ns() - t0) / 1e6)
             times_by[n].append(np.asarray(t))
-    out = {}
-    for n in names:
-        med = np.array([np.median(t) for t in times_by[n]])
-        s = summarize(np.concatenate(times_by[n]), threads, batch)
-        s["round_medians"] = [round(float(m), 4) for m in med]
-        s["spread"] = round(float(med.max() / med.min()), 4)
-        s["cv"] = round(float(med.std(ddof=1) / med.mean()) if len(med) > 1 else 0.0, 4)
-        out[n] = s
-    return out
+    return {n: summarize_rounds(times_by[n], threads, batch) for n in names}
 
 
 def build(models, recipes, threads: int, batch: int, calib_size: int, with_torch: bool, ablation: bool,

@@ -138,13 +138,15 @@ def measure_interleaved(models: Mapping[str, ModelLike], threads: int = 1, batch
         k = r % len(names)
         for name in names[k:] + names[:k]:
             times[name].append(time_runs(sessions[name], feeds[name], runs=per_round[name]))
-    result = {}
-    for name in names:
-        medians = np.array([np.median(t) for t in times[name]])
-        stats = summarize(np.concatenate(times[name]), threads, batch)
-        stats["round_medians"] = [round(float(m), 4) for m in medians]
-        stats["spread"] = round(float(medians.max() / medians.min()), 4)
-        stats["cv"] = round(float(medians.std(ddof=1) / medians.mean()) if len(medians) > 1 else 0.0, 4)
-        stats["rounds"] = rounds
-        result[name] = stats
-    return result
+    return {name: summarize_rounds(times[name], threads, batch) for name in names}
+
+
+def summarize_rounds(round_times_ms: list[np.ndarray], threads: int | None, batch: int) -> dict[str, Any]:
+    """:func:`summarize` over all rounds, plus each round's median and their spread (max/min) and CV."""
+    medians = np.array([np.median(t) for t in round_times_ms])
+    stats = summarize(np.concatenate(round_times_ms), threads, batch)
+    stats["round_medians"] = [round(float(m), 4) for m in medians]
+    stats["spread"] = round(float(medians.max() / medians.min()), 4)
+    stats["cv"] = round(float(medians.std(ddof=1) / medians.mean()) if len(medians) > 1 else 0.0, 4)
+    stats["rounds"] = len(round_times_ms)
+    return stats
