@@ -145,7 +145,7 @@ def summarize_rounds(round_times_ms: list[np.ndarray], threads: int | None, batc
     """:func:`summarize` over all rounds, plus each round's median and their spread (max/min) and CV."""
     medians = np.array([np.median(t) for t in round_times_ms])
     stats = summarize(np.concatenate(round_times_ms), threads, batch)
-    stats["round_medians"] = [round(float(m), 4) for m in medians]
+    stats["round_medians"] = [round(float(m), 6) for m in medians]
     stats["spread"] = round(float(medians.max() / medians.min()), 4)
     stats["cv"] = round(float(medians.std(ddof=1) / medians.mean()) if len(medians) > 1 else 0.0, 4)
     stats["rounds"] = len(round_times_ms)
