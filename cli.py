@@ -189,6 +189,10 @@ def quantize(recipe: str, arch, weights, dataset: str, input_size, calibration_s
     """Quantize a float model to int8 (QDQ ONNX) with a recipe, and measure both: accuracy, agreement, latency.
 
     Writes model_fp32.onnx, model_int8.onnx, recipe.toml (the resolved recipe), report.json and report.md.
+    QAT recipes (int8-qat, w4a8-qat) first fine-tune with fake quantization (progress bar, test top-1 per
+    epoch), checkpointing every epoch to OUTPUT_DIR/qat_checkpoint.pt: run the same command again to resume
+    an interrupted run (or to re-export a finished one without training).  They also write
+    model_int8_ptq.onnx, the calibrated baseline with the same settings.
     """
     from pathlib import Path
 
@@ -201,9 +205,13 @@ def quantize(recipe: str, arch, weights, dataset: str, input_size, calibration_s
         top1 = v["accuracy"]["top1"]
         lat = (v.get("latency_ms") or {}).get("median")
         agree = v.get("agreement")
-        click.echo(f"{v['name']:>5}: top-1 {'n/a' if top1 is None else f'{100 * top1:.2f}%'}"
+        click.echo(f"{v['name']:>8}: top-1 {'n/a' if top1 is None else f'{100 * top1:.2f}%'}"
                    f"{'' if agree is None else f', agreement {100 * agree:.2f}%'}"
                    f"{'' if lat is None else f', latency {lat:.3f} ms'}, {v['size_bytes'] / 2**20:.2f} MiB")
+    if r.get("qat"):
+        q = r["qat"]
+        click.echo(f"     QAT: fake-quant torch model top-1 {100 * q['fake_quant_top1']:.2f}%, the int8 ONNX "
+                   f"predicts the same class on {100 * q['onnx_vs_fake_quant_agreement']:.2f}% of test images")
     fallback = r["quantization"]["nodes_excluded"]
     click.echo(f"int8 convs {r['checks']['int8_convs']}/{r['checks']['convs']}, fp32 nodes: {len(fallback)}; "
                f"report: {Path(r['output_dir']) / 'report.md'}")

@@ -45,6 +45,7 @@ __all__ = ["quantize", "QuantizedGraph", "prepare_float", "calibrate", "quantize
            "int8_conv_stats", "DEFAULT_OUTPUT_DIR"]
 
 DEFAULT_OUTPUT_DIR = "runs/quantize"
+QAT_CHECKPOINT = "qat_checkpoint.pt"  # in the output directory: written every QAT epoch, resumed from
 log = logging.getLogger(__name__)
 
 # op types quantized in QDQ form: ORT's defaults (QLinearOps + QDQ registries) plus HardSigmoid, whose output
@@ -187,6 +188,33 @@ def fixed_qparam_overrides(model: onnx.ModelProto, q: QuantizeConfig) -> dict[st
             for name, (lo, hi) in fixed_range_tensors(model).items()}
 
 
+def low_bit_weight_overrides(model: onnx.ModelProto, q: QuantizeConfig, excluded: Sequence[str] = ()
+                             ) -> dict[str, list[dict[str, Any]]]:
+    """TensorQuantOverrides putting every Conv / Gemm weight on the recipe's ``weight_bits`` grid: symmetric
+    scale ``absmax / (2^(bits-1) - 1)`` per output channel (or per tensor), stored as int8 codes so
+    onnxruntime's int8 kernels still run it.  Empty for 8-bit weights (onnxruntime's own scales)."""
+    if q.weight_bits >= 8:
+        return {}
+    qmax = 2 ** (q.weight_bits - 1) - 1
+    inits = {i.name: i for i in model.graph.initializer}
+    out: dict[str, list[dict[str, Any]]] = {}
+    zero = np.array(0, dtype=np.int8)
+    for n in model.graph.node:
+        if n.op_type not in ("Conv", "Gemm") or n.name in excluded or n.input[1] not in inits:
+            continue
+        w = onnx.numpy_helper.to_array(inits[n.input[1]]).astype(np.float32)
+        if n.op_type == "Gemm" and any(a.name == "transB" and a.i == 0 for a in n.attribute):
+            w = w.T  # output channels first, as onnxruntime's per-channel axis for Gemm expects
+        absmax = np.abs(w.reshape(w.shape[0], -1)).max(axis=1) if q.per_channel else np.abs(w).max(keepdims=True)
+        scales = np.maximum(absmax / qmax, np.finfo(np.float32).tiny).astype(np.float32)
+        if q.per_channel:
+            out[n.input[1]] = [{"axis": 0, "scale": np.array(sc, dtype=np.float32), "zero_point": zero}
+                               for sc in scales]
+        else:
+            out[n.input[1]] = [{"scale": np.array(scales[0], dtype=np.float32), "zero_point": zero}]
+    return out
+
+
 def resolve_excluded_nodes(model: onnx.ModelProto, patterns: Sequence[str], quantize_head: bool = True) -> list[str]:
     """Node names matching the recipe's ``nodes_to_exclude`` (exact names or fnmatch patterns), plus the
     classifier Gemms when ``quantize_head`` is false.  A pattern that matches nothing is an error."""
@@ -214,10 +242,15 @@ class QuantizedGraph:
 
 
 def quantize_prepared(prepared: str | os.PathLike, ranges, recipe: Recipe, workdir: str | os.PathLike,
-                      extra_excluded: Sequence[str] = (), cpu: dict[str, Any] | None = None) -> QuantizedGraph:
-    """``quantize_static`` (QDQ) of the prepared float model with precomputed calibration ``ranges``."""
+                      extra_excluded: Sequence[str] = (), cpu: dict[str, Any] | None = None,
+                      qat_params=None) -> QuantizedGraph:
+    """``quantize_static`` (QDQ) of the prepared float model with precomputed calibration ``ranges``.
+
+    ``qat_params`` (:class:`compress.qat.QATParams`, with ``ranges=None``): every activation and weight scale /
+    zero point comes from a QAT model instead of calibration; a tensor it does not cover is an error.
+    """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.calibrate import save_tensors_data
+    from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
 
     q = recipe.quantize
     model = onnx.load(str(prepared))
@@ -225,6 +258,14 @@ def quantize_prepared(prepared: str | os.PathLike, ranges, recipe: Recipe, workd
     excluded += [n for n in extra_excluded if n not in excluded]
     reduce_range, reason = resolve_reduce_range(q.reduce_range, cpu)
     overrides = fixed_qparam_overrides(model, q)
+    if qat_params is not None:
+        overrides.update(qat_params.overrides)
+        known = {**fixed_range_tensors(model), **qat_params.ranges}  # the gates' fixed ranges, the QAT ranges
+        ranges = TensorsData(CalibrationMethod.MinMax, {
+            k: TensorData(lowest=np.array(lo, dtype=np.float32), highest=np.array(hi, dtype=np.float32))
+            for k, (lo, hi) in known.items()})
+    else:
+        overrides.update(low_bit_weight_overrides(model, q, excluded))
     act = QuantType.QUInt8 if q.activation_type == "uint8" else QuantType.QInt8
     method = getattr(CalibrationMethod, _METHODS[recipe.calibration.method])
     with tempfile.TemporaryDirectory(dir=workdir, prefix="qdq.") as tmp, _quiet():
@@ -243,14 +284,28 @@ def quantize_prepared(prepared: str | os.PathLike, ranges, recipe: Recipe, workd
                 "TensorQuantOverrides": overrides,
                 # logits stay float: a uint8 grid over the logits would create argmax ties
                 "OpTypesToExcludeOutputQuantization": ["Gemm"],
+                # learned (QAT) or low-bit weight scales are kept as given
+                "QDQDisableWeightAdjustForInt32Bias": qat_params is not None or q.weight_bits < 8,
             })
         int8 = onnx.load(str(out))
+    if qat_params is not None:
+        _check_covered(int8, set(overrides))
     int8, folded = fold_gate_scales(int8)
     int8, _ = fold_input_pads(int8)
     return QuantizedGraph(int8, excluded, reduce_range, reason, sorted(overrides), folded)
 
 
 # -- checks ---------------------------------------------------------------------------------------------
+
+def _check_covered(int8: onnx.ModelProto, given: set[str]) -> None:
+    """Every activation QuantizeLinear of a QAT export must use a scale the QAT model gave (no calibration)."""
+    inits = {i.name for i in int8.graph.initializer}
+    missing = sorted({n.input[0] for n in int8.graph.node if n.op_type == "QuantizeLinear"
+                      and n.input[0] not in inits and n.input[0] not in given})
+    if missing:
+        raise UserError(f"QAT export: onnxruntime quantizes {len(missing)} tensor(s) the QAT model has no fake "
+                        f"quant for, e.g. {missing[0]!r}")
+
 
 def _producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
     return {o: n for n in model.graph.node for o in n.output}
@@ -380,7 +435,22 @@ def quantize(recipe: str | os.PathLike | Recipe = "int8", weights: str | os.Path
         tuning_report = None
         tuned_recipe = None
         mixed = None
-        if rec.tuning.enabled:
+        qat = None
+        ptq = None
+        if rec.qat.enabled:  # fine-tune with fake quantization, export its own scales (compress/qat.py)
+            from compress.qat import export_qat, qat_fingerprint, run_qat
+
+            reduce_range, _ = resolve_reduce_range(rec.quantize.reduce_range, cpu)
+            fingerprint = qat_fingerprint(loaded.model, rec.quantize, rec.qat, reduce_range)
+            qat = run_qat(loaded.model, source, rec.quantize, rec.qat, out / QAT_CHECKPOINT, fingerprint,
+                          reduce_range, progress)
+            timings["qat_train_s"] = time.time() - t
+            qg, qat_prepared = export_qat(qat.model, rec, wd, source.preprocess, cpu=cpu)
+            checked_against = onnx.load(str(qat_prepared))
+            if rec.qat.compare_ptq:  # the PTQ baseline: the same [quantize] settings, calibrated
+                ptq = quantize_prepared(prepared_path, calibrate(prepared_path, reader, rec.calibration, wd,
+                                                                 progress=progress), rec, wd, cpu=cpu)
+        elif rec.tuning.enabled:
             from compress.tuning import tune
 
             result = tune(prepared_path, reader, source, rec, wd, cpu=cpu, progress=progress)
@@ -393,15 +463,18 @@ def quantize(recipe: str | os.PathLike | Recipe = "int8", weights: str | os.Path
                 mixed = plan_for_recipe(prepared_path, ranges, rec, source, wd, cpu=cpu, threads=threads)
             qg = quantize_prepared(prepared_path, ranges, rec, wd, cpu=cpu,
                                    extra_excluded=mixed.nodes_to_exclude if mixed else ())
+        if qat is None:
+            checked_against = prepared
         timings["quantize_s"] = time.time() - t
-        checks = int8_checks(qg.model, prepared, rec.quantize, size)
+        checks = int8_checks(qg.model, checked_against, rec.quantize, size)
         facts = {
             "format": rec.quantize.format, "weights": "int8 per-channel symmetric" if rec.quantize.per_channel
             else "int8 per-tensor symmetric", "activations": rec.quantize.activation_type,
             "reduce_range": qg.reduce_range, "reduce_range_reason": qg.reduce_range_reason,
             "hswish": rec.quantize.hswish, "hard_sigmoid": rec.quantize.hard_sigmoid,
             "fixed_qparam_tensors": len(qg.fixed_qparams), "folded_gate_scales": qg.folded_gate_scales,
-            "calibration_method": (tuned_recipe or rec).calibration.method,
+            "calibration_method": "none (QAT scales)" if qat else (tuned_recipe or rec).calibration.method,
+            "weight_bits": rec.quantize.weight_bits,
             "nodes_excluded": qg.excluded,
         }
         int8 = set_metadata(qg.model, _int8_metadata(fp32, rec, facts))
@@ -409,13 +482,40 @@ def quantize(recipe: str | os.PathLike | Recipe = "int8", weights: str | os.Path
         int8_bytes = int8.SerializeToString()
         fp32_bytes = fp32_path.read_bytes()
 
+        ptq_bytes = None
+        if ptq is not None:
+            ptq_model = set_metadata(ptq.model, _int8_metadata(fp32, rec, {**facts, "calibration_method":
+                                                                             rec.calibration.method}))
+            ptq_bytes = ptq_model.SerializeToString()
+
         t = time.time()
         ev_fp32 = evaluate_onnx(fp32_bytes, dataset=source, limit=eval_limit, threads=threads, latency=False)
         ev_int8 = evaluate_onnx(int8_bytes, dataset=source, limit=eval_limit, threads=threads,
                                 reference=fp32_bytes, latency=False)
+        ev_ptq = None if ptq_bytes is None else evaluate_onnx(ptq_bytes, dataset=source, limit=eval_limit,
+                                                                threads=threads, reference=fp32_bytes,
+                                                                latency=False)
         if latency:
-            lat = measure_interleaved({"fp32": fp32_bytes, "int8": int8_bytes}, threads=threads, batch=1)
+            models = {"fp32": fp32_bytes, "int8": int8_bytes} | ({"ptq": ptq_bytes} if ptq_bytes else {})
+            lat = measure_interleaved(models, threads=threads, batch=1)
             ev_fp32["latency_ms"], ev_int8["latency_ms"] = lat["fp32"], lat["int8"]
+            if ev_ptq is not None:
+                ev_ptq["latency_ms"] = lat["ptq"]
+        qat_report = None
+        if qat is not None:
+            from compress.qat import fake_quant_logits
+            from eval.accuracy import agreement, predict, topk_accuracy
+
+            fq_logits, labels = fake_quant_logits(qat.model, source, eval_limit)
+            onnx_logits, _ = predict(int8_bytes, source, limit=eval_limit)
+            qat_report = {**qat.report, "fake_quant_top1": topk_accuracy(fq_logits, labels, (1,))["top1"],
+                          "onnx_vs_fake_quant_agreement": agreement(fq_logits, onnx_logits),
+                          "onnx_vs_fake_quant_max_abs_logit_diff": float(np.abs(fq_logits - onnx_logits).max()),
+                          "checkpoint": QAT_CHECKPOINT}
+            if qat_report["onnx_vs_fake_quant_agreement"] < rec.qat.min_onnx_agreement:
+                raise UserError(f"the exported int8 ONNX agrees with the fake-quant model on only "
+                                f"{qat_report['onnx_vs_fake_quant_agreement']:.2%} of test images (recipe "
+                                f"requires {rec.qat.min_onnx_agreement:.0%}): the export does not reproduce QAT")
         timings["evaluate_s"] = time.time() - t
 
     write_bytes(out / "model_fp32.onnx", fp32_bytes)
@@ -423,10 +523,15 @@ def quantize(recipe: str | os.PathLike | Recipe = "int8", weights: str | os.Path
     write_text(out / "recipe.toml", rec.to_toml())
     if tuned_recipe is not None:
         write_text(out / "recipe_tuned.toml", tuned_recipe.to_toml())
+    if ptq_bytes is not None:
+        write_bytes(out / "model_int8_ptq.onnx", ptq_bytes)
     variants = [
         {"name": "fp32", "file": "model_fp32.onnx", "is_reference": True, **ev_fp32},
         {"name": "int8", "file": "model_int8.onnx", "is_reference": False, "recipe": rec.name, **ev_int8},
     ]
+    if ev_ptq is not None:
+        variants.append({"name": "int8-ptq", "file": "model_int8_ptq.onnx", "is_reference": False,
+                         "recipe": f"{rec.name} without QAT (calibrated, {rec.calibration.method})", **ev_ptq})
     ref_top1 = ev_fp32["accuracy"]["top1"]
     q_top1 = ev_int8["accuracy"]["top1"]
     extra = {
@@ -438,11 +543,15 @@ def quantize(recipe: str | os.PathLike | Recipe = "int8", weights: str | os.Path
         "evaluation": {"split": "test", "images": eval_limit or len(source.split("test")),
                        "top1_drop_pt": None if ref_top1 is None or q_top1 is None
                        else round(100 * (ref_top1 - q_top1), 3)},
-        "calibration": {**reader.describe(), "method": facts["calibration_method"]},
+        "calibration": ({**reader.describe(), "method": facts["calibration_method"]} if qat is None else
+                        {**reader.describe(), "method": rec.calibration.method,
+                         "used_by": "the int8-ptq baseline only: the QAT model's own scales are exported"}
+                        if ptq is not None else None),
         "quantization": facts,
         "checks": checks,
         "cpu": cpu,
         "tuning": tuning_report,
+        "qat": qat_report,
         "mixed_precision": mixed.report if mixed else None,
         "timings_s": {k: round(v, 2) for k, v in timings.items()} | {"total": round(time.time() - t_start, 2)},
     }

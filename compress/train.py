@@ -134,11 +134,17 @@ def _restore_schedule(cfg: TrainConfig, opt: torch.optim.Optimizer, resume_state
     return _make_scheduler(cfg, opt, (cfg.epochs - start_epoch) * steps_per_epoch)
 
 
+StepHook = Callable[[nn.Module, int, int], None]  # (module, global step about to run, steps per epoch)
+
+
 def _train_epoch(net: nn.Module, bar: tqdm, opt: torch.optim.Optimizer, sched, criterion: nn.Module,
-                 aug: Callable[[torch.Tensor], torch.Tensor], ctx: DistContext) -> tuple[float, float, float]:
+                 aug: Callable[[torch.Tensor], torch.Tensor], ctx: DistContext,
+                 hook: Callable[[int], None] | None = None) -> tuple[float, float, float]:
     """One pass over the batches of ``bar``; returns (summed loss, correct, images), summed over all ranks."""
     loss_sum, seen, correct = 0.0, 0, 0
-    for x, y in bar:
+    for k, (x, y) in enumerate(bar):
+        if hook is not None:
+            hook(k)
         x = aug(x)  # on the CPU, with the CPU generator
         x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
         out = net(x)
@@ -159,14 +165,16 @@ def _train_epoch(net: nn.Module, bar: tqdm, opt: torch.optim.Optimizer, sched, c
 def fit(model: nn.Module, source: DataSource, cfg: TrainConfig, output: str | os.PathLike | None = None,
         resume_state: dict[str, Any] | None = None, meta: dict[str, Any] | None = None,
         progress: bool = True, dist: DistContext | None = None,
-        convert: Sequence[distributed.Converter] = ()) -> dict[str, Any]:
+        convert: Sequence[distributed.Converter] = (), step_hook: StepHook | None = None) -> dict[str, Any]:
     """Train ``model`` on ``source``'s train split; evaluate on its test split after every epoch.
 
     Returns ``{"epoch", "history": [...], "final": {...}}``; writes ``output`` after every epoch if given.
     ``dist`` (default: the process group already up, else one process on the model's device) runs it as
     DDP: ``cfg.batch_size`` images per process and step, a DistributedSampler share of the train split per
     rank, metrics summed over ranks, rank 0 alone writing ``output``.  ``convert`` steps prepare the module
-    before DDP wraps it (the QAT hook, see :func:`compress.distributed.wrap_model`).  ``model`` is trained in
+    before DDP wraps it (the QAT hook, see :func:`compress.distributed.wrap_model`).  ``step_hook(module,
+    step, steps_per_epoch)`` runs on every rank before every training step (``step`` counts from the start of
+    the run, resumed runs included): QAT freezes BN statistics and observers there.  ``model`` is trained in
     place and handed back on the device it came on, with plain BatchNorm.
     """
     if not source.has_labels:
@@ -212,8 +220,14 @@ def fit(model: nn.Module, source: DataSource, cfg: TrainConfig, output: str | os
                                    sampler=sampler)
             t0 = time.time()
             bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
+            hook = None
+            if step_hook is not None:
+                first = epoch * steps_per_epoch
+
+                def hook(k: int, first: int = first) -> None:
+                    step_hook(module, first + k, steps_per_epoch)
             loss_sum, correct, seen = _train_epoch(net, bar, opt, sched, criterion,
-                                                   lambda x: augment(x, pad, cfg.hflip, gen), ctx)
+                                                   lambda x: augment(x, pad, cfg.hflip, gen), ctx, hook)
             if not math.isfinite(loss_sum):  # the same verdict on every rank: the sum is reduced
                 raise UserError(f"training diverged at epoch {epoch + 1} (loss is not finite); lower --lr")
             distributed.broadcast_buffers(module, ctx)  # every rank evaluates and holds rank 0's BN statistics

@@ -12,6 +12,7 @@ typo fails with a message naming the key and the allowed keys or values::
     [calibration]     # CalibrationConfig: method and size of the train-split subset
     [tuning]          # TuningConfig: accuracy-driven fallback (neural-compressor), off unless enabled
     [mixed_precision] # MixedPrecisionConfig: latency-aware per-layer int8 / fp32, off unless enabled
+    [qat]             # QATConfig: quantization-aware training before export, off unless enabled
 
 :meth:`Recipe.to_toml` writes the resolved recipe (every default filled in) beside each output, and
 :func:`load_recipe` reads it back unchanged.
@@ -28,7 +29,8 @@ from typing import Any, Mapping, get_args, get_origin, get_type_hints
 
 from compress.errors import UserError
 
-__all__ = ["Recipe", "QuantizeConfig", "CalibrationConfig", "TuningConfig", "MixedPrecisionConfig", "RecipeError",
+__all__ = ["Recipe", "QuantizeConfig", "CalibrationConfig", "TuningConfig", "MixedPrecisionConfig", "QATConfig",
+           "RecipeError",
            "load_recipe", "list_recipes", "recipe_from_dict", "RECIPES_DIR", "HSWISH_FORMS", "HARD_SIGMOID_FORMS",
            "CALIBRATION_METHODS"]
 
@@ -91,9 +93,13 @@ class QuantizeConfig:
     # pad the stem's 3 input channels to 4 (a Pad of the quantized image with its zero point, zero weights):
     # MLAS's symmetric int8 conv kernels need input channels % 4 == 0
     pad_input_channels: bool = True
+    # weight grid: 8 = int8; 2..7 = a narrower symmetric grid (codes in [-(2^(b-1)-1), 2^(b-1)-1]) still stored
+    # as int8, so onnxruntime's int8 kernels run it (a stress setting: 4-bit weights show what QAT recovers)
+    weight_bits: int = 8
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "nodes_to_exclude", tuple(self.nodes_to_exclude))
+        _check_range("weight_bits", self.weight_bits, 2, 8)
         if self.depthwise_channel_multiple not in (0, 4, 8, 16, 32, 64):
             raise ValueError(f"depthwise_channel_multiple = {self.depthwise_channel_multiple!r} is not allowed; "
                              f"allowed values: 0 (off), 4, 8, 16, 32, 64")
@@ -227,8 +233,49 @@ class MixedPrecisionConfig:
         _check_range("max_fp32_fraction", self.max_fp32_fraction, 0.0, 1.0)
 
 
+@dataclass(frozen=True)
+class QATConfig:
+    """Quantization-aware training (compress/qat.py): fine-tune the float model with fake quantization that
+    mirrors the exported int8 graph, then export the learned scales and zero points (no re-calibration).
+
+    Freeze points are in epochs and may be fractional (torchvision's reference freezes BN statistics, then
+    the observers, a few epochs into QAT).
+    """
+
+    enabled: bool = False
+    epochs: int = 2
+    batch_size: int = 128
+    lr: float = 1e-4  # AdamW; a converged float model needs a small one
+    weight_decay: float = 0.0
+    schedule: str = "cosine"  # "cosine" or "onecycle"
+    label_smoothing: float = 0.1
+    hflip: bool = True
+    pad_crop: int = 0
+    freeze_bn_epochs: float = 1.0  # BN running statistics frozen (and used for folding) from here on
+    freeze_observers_epochs: float = 1.5  # activation ranges and weight scales frozen from here on
+    observer_momentum: float = 0.01  # moving-average constant of the activation range observers
+    limit_train: int = 0  # 0: the whole train split; else the first N (shuffled per epoch)
+    seed: int = 0
+    compare_ptq: bool = True  # also calibrate + quantize the float model (PTQ, same [quantize]) as a baseline
+    min_onnx_agreement: float = 0.99  # the exported int8 ONNX must predict the fake-quant model's top-1 this often
+
+    def __post_init__(self) -> None:
+        _check_range("epochs", self.epochs, 1, 1000)
+        _check_range("batch_size", self.batch_size, 1, 4096)
+        _check_range("lr", self.lr, 0.0, 1.0, lo_open=True)
+        _check_range("weight_decay", self.weight_decay, 0.0, 1.0)
+        _allowed("schedule", self.schedule, ("cosine", "onecycle"))
+        _check_range("label_smoothing", self.label_smoothing, 0.0, 0.5)
+        _check_range("pad_crop", self.pad_crop, 0, 16)
+        _check_range("freeze_bn_epochs", self.freeze_bn_epochs, 0.0, float(self.epochs))
+        _check_range("freeze_observers_epochs", self.freeze_observers_epochs, 0.0, float(self.epochs))
+        _check_range("observer_momentum", self.observer_momentum, 0.0, 1.0, lo_open=True)
+        _check_range("limit_train", self.limit_train, 0, 100_000_000)
+        _check_range("min_onnx_agreement", self.min_onnx_agreement, 0.0, 1.0)
+
+
 SECTIONS: dict[str, type] = {"quantize": QuantizeConfig, "calibration": CalibrationConfig, "tuning": TuningConfig,
-                             "prune": PruneConfig, "mixed_precision": MixedPrecisionConfig}
+                             "prune": PruneConfig, "mixed_precision": MixedPrecisionConfig, "qat": QATConfig}
 
 
 @dataclass(frozen=True)
@@ -242,6 +289,7 @@ class Recipe:
     tuning: TuningConfig = field(default_factory=TuningConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)  # optional section: only 'prune' reads it
     mixed_precision: MixedPrecisionConfig = field(default_factory=MixedPrecisionConfig)  # off unless enabled
+    qat: QATConfig = field(default_factory=QATConfig)  # off unless enabled
     version: int = RECIPE_VERSION
     source: str | None = field(default=None, compare=False)
 
