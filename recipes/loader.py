@@ -304,6 +304,9 @@ class Recipe:
             raise ValueError(f"tuning.max_fallback_fraction = {self.tuning.max_fallback_fraction} would break "
                              f"quantize.min_int8_conv_fraction = {self.quantize.min_int8_conv_fraction}; "
                              f"allowed: max_fallback_fraction <= 1 - min_int8_conv_fraction")
+        if self.qat.enabled and (self.tuning.enabled or self.mixed_precision.enabled):
+            raise ValueError("qat.enabled cannot be combined with tuning.enabled or mixed_precision.enabled: the "
+                             "QAT model's learned scales are exported as they are (no re-calibration, no fallback)")
 
     def replace(self, **changes: Any) -> "Recipe":
         """A copy with whole sections or top-level fields replaced (sections stay validated)."""

@@ -1,8 +1,7 @@
 """int8 quantization: graph passes, calibration methods, fixed qparams, checks, tuning loop, the CLI.
 
-One tiny model serves every test: MobileNetV3-Small (10 outputs) at 32x32, trained for 20 steps on two
-well-separated Fashion-MNIST classes (Trouser, Bag) so its predictions have real margins, then its BN
-statistics re-estimated.  Agreement is measured on test images of those classes.
+One tiny model serves every test (tests/compress/tiny_trained.py): MobileNetV3-Small trained for 20 steps on
+two well-separated Fashion-MNIST classes.  Agreement is measured on test images of those classes.
 """
 from __future__ import annotations
 
@@ -21,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from calibration.datasets import FASHION_MNIST_DIR, load_fashion_mnist, open_dataset  # noqa: E402
+from calibration.datasets import FASHION_MNIST_DIR, open_dataset  # noqa: E402
 from calibration.reader import TrainSplitReader  # noqa: E402
 from compress.errors import UserError  # noqa: E402
 from compress.export import to_onnx  # noqa: E402
@@ -30,10 +29,9 @@ from compress.graph_passes import (op_counts, rewrite_hard_sigmoid, rewrite_hswi
 from compress.quantize import (calibrate, cpu_int8_info, int8_checks, int8_conv_stats, prepare_float,  # noqa: E402
                                quantize_prepared, resolve_reduce_range)
 from recipes.loader import load_recipe  # noqa: E402
+from tests.compress.tiny_trained import SIZE, train_tiny, two_class_test_images  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not Path(FASHION_MNIST_DIR).is_dir(), reason="Fashion-MNIST is not installed")
-CLASSES = (1, 8)  # Trouser, Bag
-SIZE = 32
 
 
 def _session(model: onnx.ModelProto):
@@ -58,31 +56,8 @@ def source():
 def tiny(source, tmp_path_factory):
     """(torch model, checkpoint path, fp32 ONNX proto) of the briefly trained tiny model."""
     from compress.checkpoint import save_checkpoint
-    from compress.mobilenetv3 import mobilenet_v3_small
 
-    torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 threads on 2 shared cores thrash (10x slower under load)
-    images, labels = load_fashion_mnist(FASHION_MNIST_DIR, "train")
-    sel = np.flatnonzero(np.isin(labels, CLASSES))[:20 * 64]
-    x, y = source.preprocess(torch.from_numpy(images[sel])), torch.from_numpy(labels[sel])
-    model = mobilenet_v3_small(num_classes=10, dropout=0.0).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-2, total_steps=20, pct_start=0.3)
-    for k in range(20):
-        loss = torch.nn.functional.cross_entropy(model(x[k * 64:(k + 1) * 64]), y[k * 64:(k + 1) * 64])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-    for m in model.modules():  # re-estimate BN statistics (momentum 0.01 has not converged in 20 steps)
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None
-    with torch.no_grad():
-        model(x[:512])
-    model.eval()
-    torch.set_num_threads(threads)
+    model = train_tiny(source)
     ckpt = save_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny.pt", model, input_size=SIZE,
                            dataset="fashion-mnist")
     return model, ckpt, to_onnx(model, (SIZE, SIZE))
@@ -90,9 +65,7 @@ def tiny(source, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def eval_subset(source):
-    images, labels = load_fashion_mnist(FASHION_MNIST_DIR, "test")
-    sel = np.flatnonzero(np.isin(labels, CLASSES))[:600]
-    return source.preprocess(torch.from_numpy(images[sel])).numpy(), labels[sel]
+    return two_class_test_images(source)
 
 
 @pytest.fixture(scope="module")
@@ -228,7 +201,7 @@ def test_folding_gate_scales_is_exact(int8_default, reader, tmp_path, eval_subse
 
 # -- the int8 model -------------------------------------------------------------------------------------
 
-def test_int8_model_agrees_with_float_on_a_test_subset(tiny, int8_default, eval_subset):
+def test_int8_model_agrees_with_float_on_two_class_test_images(tiny, int8_default, eval_subset):
     recipe, prepared, qg = int8_default
     x, y = eval_subset
     ref, out = _run(tiny[2], x), _run(qg.model, x)
@@ -272,6 +245,22 @@ def test_checks_enforce_the_int8_conv_floor(tiny, reader, int8_default, tmp_path
     with pytest.raises(UserError, match="matches no node"):
         quantize_prepared(prepared, ranges, recipe.with_overrides("quantize", nodes_to_exclude=("nope*",)),
                           tmp_path)
+
+
+def test_low_bit_weights_use_a_narrow_grid_on_int8_storage(tiny, reader, tmp_path):
+    """weight_bits = 4: every weight code in [-7, 7], each (non-zero) output channel reaching +-7."""
+    recipe = load_recipe("int8").with_overrides("quantize", weight_bits=4)
+    prepared = prepare_float(tiny[2], recipe.quantize, tmp_path)
+    model = quantize_prepared(prepared, calibrate(prepared, reader, recipe.calibration, tmp_path), recipe,
+                              tmp_path).model
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    for n in model.graph.node:
+        if n.op_type in ("Conv", "Gemm"):
+            codes = inits[producers[n.input[1]].input[0]]
+            assert codes.dtype == np.int8
+            per_channel = np.abs(codes.reshape(codes.shape[0], -1).astype(int)).max(axis=1)
+            assert per_channel.max() == 7 and set(np.unique(per_channel)) <= {0, 7}, n.name
 
 
 def test_reduce_range_follows_vnni():
