@@ -348,13 +348,14 @@ def prepare_qat(model: MobileNetV3, q: QuantizeConfig, qat: QATConfig, reduce_ra
     return out.to(next(model.parameters()).device).train()
 
 
-def qat_fingerprint(model: nn.Module, q: QuantizeConfig, qat: QATConfig, reduce_range: bool) -> str:
-    """What a QAT checkpoint must match to be resumed: the start model's weights, [quantize] and [qat]."""
+def qat_fingerprint(model: nn.Module, q: QuantizeConfig, qat: QATConfig, reduce_range: bool, data: str = "") -> str:
+    """What a QAT checkpoint must match to be resumed: the start model's weights, [quantize], [qat] and the
+    data (``data``: the dataset's name and input size)."""
     h = hashlib.sha1()
     for k, v in model.state_dict().items():
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    h.update(json.dumps({"quantize": q.__dict__, "qat": qat.__dict__, "reduce_range": reduce_range},
+    h.update(json.dumps({"quantize": q.__dict__, "qat": qat.__dict__, "reduce_range": reduce_range, "data": data},
                         sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]
 

@@ -205,7 +205,7 @@ def low_bit_weight_overrides(model: onnx.ModelProto, q: QuantizeConfig, excluded
         w = onnx.numpy_helper.to_array(inits[n.input[1]]).astype(np.float32)
         if n.op_type == "Gemm" and any(a.name == "transB" and a.i == 0 for a in n.attribute):
             w = w.T  # output channels first, as onnxruntime's per-channel axis for Gemm expects
-        absmax = np.abs(w.reshape(w.shape[0], -1)).max(axis=1) if q.per_channel else np.abs(w).max(keepdims=True)
+        absmax = np.abs(w.reshape(w.shape[0], -1)).max(axis=1) if q.per_channel else np.abs(w).max().reshape(1)
         scales = np.maximum(absmax / qmax, np.finfo(np.float32).tiny).astype(np.float32)
         if q.per_channel:
             out[n.input[1]] = [{"axis": 0, "scale": np.array(sc, dtype=np.float32), "zero_point": zero}
@@ -441,7 +441,8 @@ def quantize(recipe: str | os.PathLike | Recipe = "int8", weights: str | os.Path
             from compress.qat import export_qat, qat_fingerprint, run_qat
 
             reduce_range, _ = resolve_reduce_range(rec.quantize.reduce_range, cpu)
-            fingerprint = qat_fingerprint(loaded.model, rec.quantize, rec.qat, reduce_range)
+            fingerprint = qat_fingerprint(loaded.model, rec.quantize, rec.qat, reduce_range,
+                                          data=f"{source.name}@{size[0]}x{size[1]}")
             qat = run_qat(loaded.model, source, rec.quantize, rec.qat, out / QAT_CHECKPOINT, fingerprint,
                           reduce_range, progress)
             timings["qat_train_s"] = time.time() - t

@@ -247,9 +247,11 @@ def test_checks_enforce_the_int8_conv_floor(tiny, reader, int8_default, tmp_path
                           tmp_path)
 
 
-def test_low_bit_weights_use_a_narrow_grid_on_int8_storage(tiny, reader, tmp_path):
-    """weight_bits = 4: every weight code in [-7, 7], each (non-zero) output channel reaching +-7."""
-    recipe = load_recipe("int8").with_overrides("quantize", weight_bits=4)
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_low_bit_weights_use_a_narrow_grid_on_int8_storage(tiny, reader, tmp_path, per_channel):
+    """weight_bits = 4: every weight code in [-7, 7], each (non-zero) output channel, or each tensor, reaching
+    +-7."""
+    recipe = load_recipe("int8").with_overrides("quantize", weight_bits=4, per_channel=per_channel)
     prepared = prepare_float(tiny[2], recipe.quantize, tmp_path)
     model = quantize_prepared(prepared, calibrate(prepared, reader, recipe.calibration, tmp_path), recipe,
                               tmp_path).model
@@ -259,8 +261,8 @@ def test_low_bit_weights_use_a_narrow_grid_on_int8_storage(tiny, reader, tmp_pat
         if n.op_type in ("Conv", "Gemm"):
             codes = inits[producers[n.input[1]].input[0]]
             assert codes.dtype == np.int8
-            per_channel = np.abs(codes.reshape(codes.shape[0], -1).astype(int)).max(axis=1)
-            assert per_channel.max() == 7 and set(np.unique(per_channel)) <= {0, 7}, n.name
+            peaks = np.abs(codes.reshape(codes.shape[0] if per_channel else 1, -1).astype(int)).max(axis=1)
+            assert peaks.max() == 7 and set(np.unique(peaks)) <= {0, 7}, n.name
 
 
 def test_reduce_range_follows_vnni():
