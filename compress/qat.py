@@ -187,6 +187,7 @@ class QATMobileNetV3(nn.Module):
         self.weight_sites: list[_WeightSite] = []
         self.observers_frozen = False
         self.bn_frozen = False
+        self.reduce_range = False  # the weight grid was built for 7-bit weights (export must say the same)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.features(self.input_fq(x))
@@ -289,6 +290,7 @@ def prepare_qat(model: MobileNetV3, q: QuantizeConfig, qat: QATConfig, reduce_ra
 
     mom = qat.observer_momentum
     out = QATMobileNetV3(m)
+    out.reduce_range = reduce_range
     out.weight_sites = weight_sites
     sites: list[_Site] = [_Site("input_fq", ("input",))]
     out.input_fq = _act_fq(q, mom)
@@ -348,15 +350,24 @@ def prepare_qat(model: MobileNetV3, q: QuantizeConfig, qat: QATConfig, reduce_ra
     return out.to(next(model.parameters()).device).train()
 
 
+# what changes the trained model (a QAT checkpoint is reused only when these match); export-only settings such
+# as min_onnx_agreement, compare_ptq or the graph shaping passes may change between runs
+_TRAINING_QUANTIZE_KEYS = ("activation_type", "per_channel", "weight_bits", "hswish", "hard_sigmoid")
+_EXPORT_ONLY_QAT_KEYS = ("compare_ptq", "min_onnx_agreement", "limit_test")
+
+
 def qat_fingerprint(model: nn.Module, q: QuantizeConfig, qat: QATConfig, reduce_range: bool, data: str = "") -> str:
-    """What a QAT checkpoint must match to be resumed: the start model's weights, [quantize], [qat] and the
-    data (``data``: the dataset's name and input size)."""
+    """What a QAT checkpoint must match to be resumed or reused: the start model's weights, the [quantize] keys
+    that shape the fake quantization, the [qat] training keys, the weight range and the data (``data``: the
+    dataset's name and input size)."""
     h = hashlib.sha1()
     for k, v in model.state_dict().items():
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    h.update(json.dumps({"quantize": q.__dict__, "qat": qat.__dict__, "reduce_range": reduce_range, "data": data},
-                        sort_keys=True, default=str).encode())
+    doc = {"quantize": {k: getattr(q, k) for k in _TRAINING_QUANTIZE_KEYS},
+           "qat": {k: v for k, v in qat.__dict__.items() if k not in _EXPORT_ONLY_QAT_KEYS},
+           "reduce_range": reduce_range, "data": data}
+    h.update(json.dumps(doc, sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]
 
 
@@ -367,13 +378,21 @@ class FreezeSchedule:
     freeze_observers_epochs: float
     events: list[str] = field(default_factory=list)
 
+    def steps(self, steps_per_epoch: int) -> tuple[int, int]:
+        """(BN freeze step, observer freeze step); observers see at least one step before they freeze."""
+        return (math.ceil(self.freeze_bn_epochs * steps_per_epoch),
+                max(1, math.ceil(self.freeze_observers_epochs * steps_per_epoch)))
+
     def __call__(self, model: nn.Module, step: int, steps_per_epoch: int) -> None:
-        if not model.bn_frozen and step >= math.ceil(self.freeze_bn_epochs * steps_per_epoch):
+        bn_step, obs_step = self.steps(steps_per_epoch)
+        if not model.bn_frozen and step >= bn_step:
             freeze_bn_stats(model)
-            self.events.append(f"BN statistics frozen at step {step}")
-        if not model.observers_frozen and step >= math.ceil(self.freeze_observers_epochs * steps_per_epoch):
+            self.events.append(f"BN statistics frozen at step {bn_step}"
+                               + ("" if step == bn_step else f" (re-applied at step {step} on resume)"))
+        if not model.observers_frozen and step >= obs_step:
             freeze_observers(model)
-            self.events.append(f"observers frozen at step {step}")
+            self.events.append(f"observers frozen at step {obs_step}"
+                               + ("" if step == obs_step else f" (re-applied at step {step} on resume)"))
 
 
 # -- export ----------------------------------------------------------------------------------------------
@@ -437,6 +456,8 @@ class QATParams:
     ranges: dict[str, tuple[float, float]]  # the real range each activation scale / zero point encodes
     activations: int
     weights: int
+    reduce_range: bool  # the QAT model's weight grid: the export reports (and must use) the same
+    quantized: tuple[str, ...] = ()  # the tensors the QAT model quantizes: each needs a QuantizeLinear
 
 
 def qat_qparams(model: QATMobileNetV3, prepared: onnx.ModelProto, q: QuantizeConfig) -> QATParams:
@@ -477,7 +498,14 @@ def qat_qparams(model: QATMobileNetV3, prepared: onnx.ModelProto, q: QuantizeCon
         else:
             overrides[node.input[1]] = [{"scale": np.array(float(scale.reshape(-1)[0]), dtype=np.float32),
                                          "zero_point": np.array(0, dtype=np.int8)}]
-    return QATParams(overrides, ranges, len(model.sites), len(model.weight_sites))
+    covered = {nodes[ws.node].input[1] for ws in model.weight_sites}
+    stray = [n.name for n in prepared.graph.node if n.op_type in ("Conv", "Gemm") and n.input[1] in inits
+             and n.input[1] not in covered]
+    if stray:
+        raise UserError(f"QAT export: {len(stray)} conv/gemm node(s) have no QAT weight quantizer, e.g. "
+                        f"{stray[0]!r}")
+    return QATParams(overrides, ranges, len(model.sites), len(model.weight_sites), model.reduce_range,
+                     tuple(s.tensors[0] for s in model.sites))
 
 
 # -- the recipe step: train, then export ------------------------------------------------------------------
@@ -493,7 +521,8 @@ def _train_config(qat: QATConfig):
 
     return TrainConfig(epochs=qat.epochs, batch_size=qat.batch_size, lr=qat.lr, weight_decay=qat.weight_decay,
                        label_smoothing=qat.label_smoothing, schedule=qat.schedule, pad_crop=qat.pad_crop,
-                       hflip=qat.hflip, limit_train=qat.limit_train or None, seed=qat.seed)
+                       hflip=qat.hflip, limit_train=qat.limit_train or None, limit_test=qat.limit_test or None,
+                       seed=qat.seed)
 
 
 def run_qat(model: MobileNetV3, source, q: QuantizeConfig, qat: QATConfig, checkpoint, fingerprint: str,

@@ -257,6 +257,9 @@ def quantize_prepared(prepared: str | os.PathLike, ranges, recipe: Recipe, workd
     excluded = resolve_excluded_nodes(model, q.nodes_to_exclude, q.quantize_head)
     excluded += [n for n in extra_excluded if n not in excluded]
     reduce_range, reason = resolve_reduce_range(q.reduce_range, cpu)
+    if qat_params is not None and qat_params.reduce_range != reduce_range:
+        reduce_range, reason = qat_params.reduce_range, (f"the QAT model was trained with "
+                                                         f"{'7' if qat_params.reduce_range else '8'}-bit weights")
     overrides = fixed_qparam_overrides(model, q)
     if qat_params is not None:
         overrides.update(qat_params.overrides)
@@ -284,12 +287,14 @@ def quantize_prepared(prepared: str | os.PathLike, ranges, recipe: Recipe, workd
                 "TensorQuantOverrides": overrides,
                 # logits stay float: a uint8 grid over the logits would create argmax ties
                 "OpTypesToExcludeOutputQuantization": ["Gemm"],
-                # learned (QAT) or low-bit weight scales are kept as given
-                "QDQDisableWeightAdjustForInt32Bias": qat_params is not None or q.weight_bits < 8,
+                # learned (QAT) weight scales are kept as given; a bias that then overflows int32 is an error
+                # (_check_bias_range), where PTQ lets onnxruntime widen that weight's scale
+                "QDQDisableWeightAdjustForInt32Bias": qat_params is not None,
             })
         int8 = onnx.load(str(out))
     if qat_params is not None:
-        _check_covered(int8, set(overrides))
+        _check_covered(int8, set(overrides), qat_params.quantized)
+    _check_bias_range(int8)
     int8, folded = fold_gate_scales(int8)
     int8, _ = fold_input_pads(int8)
     return QuantizedGraph(int8, excluded, reduce_range, reason, sorted(overrides), folded)
@@ -297,14 +302,31 @@ def quantize_prepared(prepared: str | os.PathLike, ranges, recipe: Recipe, workd
 
 # -- checks ---------------------------------------------------------------------------------------------
 
-def _check_covered(int8: onnx.ModelProto, given: set[str]) -> None:
-    """Every activation QuantizeLinear of a QAT export must use a scale the QAT model gave (no calibration)."""
+def _check_covered(int8: onnx.ModelProto, given: set[str], quantized: Sequence[str]) -> None:
+    """A QAT export quantizes exactly what the QAT model quantized: every activation QuantizeLinear uses a
+    scale the QAT model gave (no calibration), and every tensor the QAT model quantized has a QuantizeLinear."""
     inits = {i.name for i in int8.graph.initializer}
-    missing = sorted({n.input[0] for n in int8.graph.node if n.op_type == "QuantizeLinear"
-                      and n.input[0] not in inits and n.input[0] not in given})
+    q_inputs = {n.input[0] for n in int8.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits}
+    missing = sorted(q_inputs - given)
     if missing:
         raise UserError(f"QAT export: onnxruntime quantizes {len(missing)} tensor(s) the QAT model has no fake "
                         f"quant for, e.g. {missing[0]!r}")
+    unquantized = [t for t in quantized if t not in q_inputs]
+    if unquantized:
+        raise UserError(f"QAT export: {len(unquantized)} tensor(s) fake-quantized in training stay float in the "
+                        f"int8 graph, e.g. {unquantized[0]!r}")
+
+
+def _check_bias_range(int8: onnx.ModelProto) -> None:
+    """int32 biases at the type's limits were clipped by the quantizer (a bias far larger than input scale x
+    weight scale): the int8 model would silently compute something else."""
+    limits = (np.iinfo(np.int32).min, np.iinfo(np.int32).max)
+    for init in int8.graph.initializer:
+        if init.data_type == onnx.TensorProto.INT32:
+            b = onnx.numpy_helper.to_array(init)
+            if b.size and (b.min() <= limits[0] or b.max() >= limits[1]):
+                raise UserError(f"int32 bias {init.name!r} saturates (input scale x weight scale is too small "
+                                f"for it): that layer cannot be quantized with these scales")
 
 
 def _producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
@@ -410,8 +432,13 @@ def quantize(recipe: str | os.PathLike | Recipe = "int8", weights: str | os.Path
     from eval.latency import measure_interleaved
     from eval.report import write_run_report
 
+    from compress.distributed import launched_by_torchrun
+
     t_start = time.time()
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    if launched_by_torchrun():
+        raise UserError("quantize runs in one process (QAT included); launch it without torchrun "
+                        "(multi-process training: mnv3-compress train under torchrun)")
     if calibration_size is not None:
         rec = rec.with_overrides("calibration", size=int(calibration_size))
     out = ensure_dir(output_dir)

@@ -255,6 +255,7 @@ class QATConfig:
     freeze_observers_epochs: float = 1.5  # activation ranges and weight scales frozen from here on
     observer_momentum: float = 0.01  # moving-average constant of the activation range observers
     limit_train: int = 0  # 0: the whole train split; else the first N (shuffled per epoch)
+    limit_test: int = 0  # per-epoch progress evaluation on the first N test images (0: all); not the report's
     seed: int = 0
     compare_ptq: bool = True  # also calibrate + quantize the float model (PTQ, same [quantize]) as a baseline
     min_onnx_agreement: float = 0.99  # the exported int8 ONNX must predict the fake-quant model's top-1 this often
@@ -268,9 +269,11 @@ class QATConfig:
         _check_range("label_smoothing", self.label_smoothing, 0.0, 0.5)
         _check_range("pad_crop", self.pad_crop, 0, 16)
         _check_range("freeze_bn_epochs", self.freeze_bn_epochs, 0.0, float(self.epochs))
-        _check_range("freeze_observers_epochs", self.freeze_observers_epochs, 0.0, float(self.epochs))
+        # observers must see data before they freeze: 0 would export the initial scale 1.0
+        _check_range("freeze_observers_epochs", self.freeze_observers_epochs, 0.0, float(self.epochs), lo_open=True)
         _check_range("observer_momentum", self.observer_momentum, 0.0, 1.0, lo_open=True)
         _check_range("limit_train", self.limit_train, 0, 100_000_000)
+        _check_range("limit_test", self.limit_test, 0, 100_000_000)
         _check_range("min_onnx_agreement", self.min_onnx_agreement, 0.0, 1.0)
 
 

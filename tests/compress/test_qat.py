@@ -178,6 +178,8 @@ def test_qat_recipes_validate():
         load_recipe("int8-qat").with_overrides("mixed_precision", enabled=True)
     with pytest.raises(RecipeError, match="freeze_bn_epochs"):
         load_recipe("int8-qat").with_overrides("qat", freeze_bn_epochs=5.0)
+    with pytest.raises(RecipeError, match="freeze_observers_epochs"):  # observers must see data first
+        load_recipe("int8-qat").with_overrides("qat", freeze_observers_epochs=0.0)
 
 
 # -- export ------------------------------------------------------------------------------------------------
@@ -246,16 +248,20 @@ def test_low_bit_weights_stay_on_their_grid(tiny, batches, tmp_path):
 # -- the recipe step: train, checkpoint, resume ------------------------------------------------------------
 
 def test_run_qat_checkpoints_and_resumes(tiny, source, tmp_path, monkeypatch):
-    recipe = load_recipe("int8-qat").with_overrides("qat", epochs=2, limit_train=96, batch_size=32,
-                                                    freeze_bn_epochs=1.0, freeze_observers_epochs=1.5)
+    """Interrupted after BN froze (step 2) at the first step of epoch 2 (step 3), resumed: the freeze is
+    restored before the next forward, BN statistics do not move again, and the result equals an uninterrupted
+    run.  A finished checkpoint is reused without training."""
+    recipe = load_recipe("int8-qat").with_overrides("qat", epochs=2, limit_train=96, batch_size=32, limit_test=64,
+                                                    freeze_bn_epochs=0.5, freeze_observers_epochs=1.5)
     q, qat = recipe.quantize, recipe.qat
-    ckpt = tmp_path / "qat.pt"
     fp = qat_fingerprint(tiny, q, qat, False)
-    calls = []
+    straight = run_qat(tiny, source, q, qat, tmp_path / "straight.pt", fp, progress=False)
+    assert straight.report["freeze_events"] == ["BN statistics frozen at step 2", "observers frozen at step 5"]
+
+    ckpt = tmp_path / "qat.pt"
     original = FreezeSchedule.__call__
 
     def interrupt(self, model, step, steps_per_epoch):
-        calls.append(step)
         if step == steps_per_epoch:  # the first step of the second epoch
             raise KeyboardInterrupt
         original(self, model, step, steps_per_epoch)
@@ -263,16 +269,71 @@ def test_run_qat_checkpoints_and_resumes(tiny, source, tmp_path, monkeypatch):
     monkeypatch.setattr(FreezeSchedule, "__call__", interrupt)
     with pytest.raises(KeyboardInterrupt):
         run_qat(tiny, source, q, qat, ckpt, fp, progress=False)
-    assert ckpt.is_file() and torch.load(ckpt, weights_only=True)["epoch"] == 1
+    first = torch.load(ckpt, weights_only=True)
+    assert first["epoch"] == 1
     monkeypatch.setattr(FreezeSchedule, "__call__", original)
     res = run_qat(tiny, source, q, qat, ckpt, fp, progress=False)
     assert res.report["resumed_from_epoch"] == 1 and len(res.report["history"]) == 2
-    assert res.model.observers_frozen and res.model.bn_frozen and not res.model.training
+    assert res.report["freeze_events"][0] == "BN statistics frozen at step 2 (re-applied at step 3 on resume)"
+    bn_keys = [k for k in first["state_dict"] if k.endswith(("bn.running_mean", "bn.running_var"))]
+    final = res.model.state_dict()
+    assert bn_keys and all(torch.equal(first["state_dict"][k], final[k]) for k in bn_keys)
+    reference = straight.model.state_dict()
+    for k, v in final.items():
+        assert torch.allclose(v.float(), reference[k].float(), atol=1e-6), k
     again = run_qat(tiny, source, q, qat, ckpt, fp, progress=False)  # finished: reused, not retrained
     assert again.report["resumed_from_epoch"] == 2 and again.report["freeze_events"] == []
     assert torch.equal(again.model.input_fq.scale, res.model.input_fq.scale)
-    other = qat_fingerprint(tiny, q, qat.__class__(**{**qat.__dict__, "lr": 1e-3}), False)
-    assert other != fp
+
+
+def test_fingerprint_ignores_export_only_settings(tiny):
+    recipe = load_recipe("int8-qat")
+    fp = qat_fingerprint(tiny, recipe.quantize, recipe.qat, False)
+    export_only = recipe.with_overrides("qat", min_onnx_agreement=0.5, compare_ptq=False).with_overrides(
+        "quantize", depthwise_channel_multiple=0)
+    assert qat_fingerprint(tiny, export_only.quantize, export_only.qat, False) == fp
+    assert qat_fingerprint(tiny, recipe.quantize, recipe.with_overrides("qat", lr=1e-3).qat, False) != fp
+    assert qat_fingerprint(tiny, recipe.quantize, recipe.qat, True) != fp
+    assert qat_fingerprint(tiny, recipe.quantize, recipe.qat, False, data="other") != fp
+
+
+@pytest.mark.parametrize("arch,width,minimal", [("mobilenet_v3_small", 1.0, True),
+                                                ("mobilenet_v3_large", 0.75, False)])
+def test_placement_covers_other_architectures(arch, width, minimal, batches, tmp_path):
+    """Minimalistic (ReLU everywhere, no SE) and Large at width 0.75: the export finds a QuantizeLinear for
+    every fake quant and a fake quant for every QuantizeLinear and weight (both checked inside export_qat)."""
+    from compress.mobilenetv3 import arch_spec, build_model
+
+    torch.manual_seed(0)
+    model = build_model(arch_spec(arch, width, minimal, num_classes=10)).eval()
+    recipe = load_recipe("int8-qat")
+    qm = prepare_qat(model, recipe.quantize, recipe.qat)
+    qm.train()
+    with torch.no_grad():
+        qm(batches[0][0])
+    freeze_bn_stats(qm)
+    freeze_observers(qm)
+    graph, _ = export_qat(qm.eval(), recipe, tmp_path, open_dataset("fashion-mnist", SIZE).preprocess)
+    qlinear = sum(1 for n in graph.model.graph.node if n.op_type == "QuantizeLinear")
+    assert qlinear >= len(qm.sites) - 1 and len(qm.weight_sites) == sum(
+        1 for n in graph.model.graph.node if n.op_type in ("Conv", "Gemm"))
+
+
+def test_seven_bit_weights_follow_the_qat_model(tiny, batches, tmp_path):
+    """A QAT model built for 7-bit weights (CPUs without VNNI) exports 7-bit weights even where the exporting
+    CPU has VNNI, and says so."""
+    recipe = load_recipe("int8-qat")
+    qm = prepare_qat(tiny, recipe.quantize, recipe.qat, reduce_range=True)
+    assert all(m.weight_fake_quant.quant_max == 63 for m in qm.modules() if hasattr(m, "weight_fake_quant"))
+    _qat_steps(qm, batches[:3], freeze_at=(1, 2))
+    vnni = {"machine": "x86_64", "x86": True, "vnni": ["avx512_vnni"], "avx2": True, "avx512": True,
+            "arm_dot": False}
+    graph, _ = export_qat(qm.eval(), recipe, tmp_path, open_dataset("fashion-mnist", SIZE).preprocess, cpu=vnni)
+    assert graph.reduce_range and "7-bit" in graph.reduce_range_reason
+    producers = {o: n for n in graph.model.graph.node for o in n.output}
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.model.graph.initializer}
+    codes = [inits[producers[n.input[1]].input[0]] for n in graph.model.graph.node if n.op_type == "Conv"]
+    assert max(int(np.abs(c).max()) for c in codes) == 63
 
 
 def test_quantize_command_runs_a_qat_recipe(tiny, tmp_path):
@@ -282,7 +343,7 @@ def test_quantize_command_runs_a_qat_recipe(tiny, tmp_path):
     from compress.checkpoint import save_checkpoint
 
     weights = save_checkpoint(tmp_path / "tiny.pt", tiny, input_size=SIZE, dataset="fashion-mnist")
-    rec = load_recipe("int8-qat").with_overrides("qat", epochs=1, limit_train=128, batch_size=32,
+    rec = load_recipe("int8-qat").with_overrides("qat", epochs=1, limit_train=128, batch_size=32, limit_test=64,
                                                  freeze_bn_epochs=0.5, freeze_observers_epochs=0.75,
                                                  min_onnx_agreement=0.95)
     rec = rec.with_overrides("calibration", size=32)
