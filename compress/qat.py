@@ -23,7 +23,8 @@ Export (:func:`export_qat`) never re-calibrates: the QAT model becomes a float M
 are the folded, fake-quantized weights (every value already on its int8 grid) and whose BN layers are the
 identity, exported like any float model; then onnxruntime's QDQ quantizer writes the int8 graph with every
 activation scale / zero point and every weight scale taken from the QAT model (``TensorQuantOverrides``).  A
-QuantizeLinear that the QAT model has no fake quant for is an error, not a silent calibration.
+QuantizeLinear that the QAT model has no fake quant for, a fake quant with no QuantizeLinear, a conv without a
+QAT weight quantizer and an int32 bias that saturates are errors, never a silent calibration or a drift.
 
 PT2E (``prepare_qat_pt2e``) is not part of torch 2.13's ``torch.ao`` (it moved to torchao, which is not a
 dependency here), and its ONNX export of QDQ graphs goes through the dynamo exporter; the eager modules above

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 import torch
 from onnx import numpy_helper
@@ -25,18 +24,9 @@ from compress.errors import UserError  # noqa: E402
 from compress.qat import (FreezeSchedule, QATMobileNetV3, export_qat, freeze_bn_stats, freeze_observers,  # noqa: E402
                           onnx_scope, prepare_qat, qat_fingerprint, run_qat, to_float)
 from recipes.loader import QATConfig, RecipeError, load_recipe  # noqa: E402
-from tests.compress.tiny_trained import CLASSES, SIZE, train_tiny, two_class_test_images  # noqa: E402
+from tests.compress.tiny_trained import CLASSES, SIZE, ort_session, train_tiny, two_class_test_images  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not Path(FASHION_MNIST_DIR).is_dir(), reason="Fashion-MNIST is not installed")
-
-
-def _session(model: onnx.ModelProto):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.intra_op_num_threads = 1
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
 @pytest.fixture(scope="module")
@@ -223,7 +213,7 @@ def test_fake_quant_model_and_exported_onnx_agree(trained, source):
     x, labels = two_class_test_images(source)
     with torch.no_grad():
         ref = qm(torch.from_numpy(x)).numpy()
-    out = _session(graph.model).run(None, {"input": x})[0]
+    out = ort_session(graph.model).run(None, {"input": x})[0]
     agree = float((ref.argmax(1) == out.argmax(1)).mean())
     assert agree >= 0.99
     assert (out.argmax(1) == labels).mean() > 0.9  # a working classifier, not two constant outputs

@@ -29,22 +29,13 @@ from compress.graph_passes import (op_counts, rewrite_hard_sigmoid, rewrite_hswi
 from compress.quantize import (calibrate, cpu_int8_info, int8_checks, int8_conv_stats, prepare_float,  # noqa: E402
                                quantize_prepared, resolve_reduce_range)
 from recipes.loader import load_recipe  # noqa: E402
-from tests.compress.tiny_trained import SIZE, train_tiny, two_class_test_images  # noqa: E402
+from tests.compress.tiny_trained import SIZE, ort_session, train_tiny, two_class_test_images  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not Path(FASHION_MNIST_DIR).is_dir(), reason="Fashion-MNIST is not installed")
 
 
-def _session(model: onnx.ModelProto):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.intra_op_num_threads = 1
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-
-
 def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    return _session(model).run(None, {"input": x})[0]
+    return ort_session(model).run(None, {"input": x})[0]
 
 
 @pytest.fixture(scope="module")

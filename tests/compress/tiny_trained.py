@@ -1,4 +1,4 @@
-"""A briefly trained tiny model shared by the quantization tests (int8 PTQ and QAT).
+"""A briefly trained tiny model (and a one-thread ORT session) shared by the quantization tests (PTQ, QAT).
 
 MobileNetV3-Small (10 outputs) at 32x32, trained for 20 steps on two well-separated Fashion-MNIST classes
 (Trouser, Bag) so its predictions have real margins, then its BN statistics re-estimated.
@@ -47,3 +47,13 @@ def two_class_test_images(source, n: int = 600) -> tuple[np.ndarray, np.ndarray]
     images, labels = load_fashion_mnist(FASHION_MNIST_DIR, "test")
     sel = np.flatnonzero(np.isin(labels, CLASSES))[:n]
     return source.preprocess(torch.from_numpy(images[sel])).numpy(), labels[sel]
+
+
+def ort_session(model):
+    """A quiet one-thread CPU session for an ONNX ModelProto."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
