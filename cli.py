@@ -223,8 +223,10 @@ def recipes() -> None:
     """List the built-in recipes (pass one by name, or a path to your own TOML file, to 'quantize --recipe')."""
     from recipes.loader import list_recipes
 
-    for r in list_recipes():
-        click.echo(f"{r.name:<14} {r.description}")
+    found = list_recipes()
+    width = max((len(r.name) for r in found), default=0)
+    for r in found:
+        click.echo(f"{r.name:<{width}}  {r.description}")
 
 
 # == prune =========================================================================================

@@ -121,4 +121,9 @@ def test_cli_lists_recipes():
 
     res = CliRunner().invoke(main, ["recipes"])
     assert res.exit_code == 0
-    assert "int8 " in res.output and "int8-tuned" in res.output
+    assert "int8 " in res.output and "int8-tuned" in res.output and "int8-qat" in res.output
+    found = list_recipes()
+    lines = res.output.splitlines()
+    assert [line.split()[0] for line in lines] == [r.name for r in found]
+    # one column for the descriptions, however long the names
+    assert len({line.index(r.description) for line, r in zip(lines, found)}) == 1
