@@ -263,10 +263,10 @@ def compare_runs(dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike) 
     written report (``variants``, ``runs``, ``pareto_front`` names, ``files``)."""
     if not dirs:
         raise UserError("compare needs at least one run directory")
+    loaded = [(d, run, load_run_report(d)) for d, run in zip(dirs, _run_names(dirs))]  # fail before writing
     out = ensure_dir(out_dir)
     groups, trajectories, all_variants, runs = [], {}, [], []
-    for d, run in zip(dirs, _run_names(dirs)):
-        data = load_run_report(d)
+    for d, run, data in loaded:
         base = Path(d) if Path(d).is_dir() else Path(d).parent
         variants = []
         for v in data["variants"]:

@@ -88,6 +88,7 @@ def test_compare_errors_and_cli(tmp_path):
     (tmp_path / "bad" / "report.json").write_text("{not json")
     with pytest.raises(UserError, match="cannot read run report"):
         compare_runs([tmp_path / "bad"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # a failed compare leaves nothing behind
     import cli
 
     run = _run(tmp_path, "run", [_variant("fp32", 0.9, 2.0, ref=True)])
