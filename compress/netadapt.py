@@ -245,7 +245,7 @@ def prune(recipe: Any = "netadapt", weights: str | os.PathLike | None = None, ar
             if progress:
                 tqdm.write(f"final fine-tune: {cfg.final_finetune_epochs} epoch(s) on {len(pool)} train images "
                            f"('test top-1' below is the {len(holdout)}-image TRAIN holdout)")
-            res = fit(current, _subsource(source, pool, holdout), tc, progress=progress)
+            res = fit(current, _subsource(source, pool, holdout), tc, progress=progress, eval_name="holdout")
             final_history = res["history"]
         current.eval()
         timings["final_finetune_s"] = time.time() - t

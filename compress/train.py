@@ -165,7 +165,8 @@ def _train_epoch(net: nn.Module, bar: tqdm, opt: torch.optim.Optimizer, sched, c
 def fit(model: nn.Module, source: DataSource, cfg: TrainConfig, output: str | os.PathLike | None = None,
         resume_state: dict[str, Any] | None = None, meta: dict[str, Any] | None = None,
         progress: bool = True, dist: DistContext | None = None,
-        convert: Sequence[distributed.Converter] = (), step_hook: StepHook | None = None) -> dict[str, Any]:
+        convert: Sequence[distributed.Converter] = (), step_hook: StepHook | None = None,
+        eval_name: str = "test") -> dict[str, Any]:
     """Train ``model`` on ``source``'s train split; evaluate on its test split after every epoch.
 
     Returns ``{"epoch", "history": [...], "final": {...}}``; writes ``output`` after every epoch if given.
@@ -174,7 +175,8 @@ def fit(model: nn.Module, source: DataSource, cfg: TrainConfig, output: str | os
     rank, metrics summed over ranks, rank 0 alone writing ``output``.  ``convert`` steps prepare the module
     before DDP wraps it (the QAT hook, see :func:`compress.distributed.wrap_model`).  ``step_hook(module,
     step, steps_per_epoch)`` runs on every rank before every training step (``step`` counts from the start of
-    the run, resumed runs included): QAT freezes BN statistics and observers there.  ``model`` is trained in
+    the run, resumed runs included): QAT freezes BN statistics and observers there.  ``eval_name`` labels the
+    per-epoch evaluation in the progress lines (NetAdapt evaluates on a train-split holdout).  ``model`` is trained in
     place and handed back on the device it came on, with plain BatchNorm.
     """
     if not source.has_labels:
@@ -238,7 +240,7 @@ def fit(model: nn.Module, source: DataSource, cfg: TrainConfig, output: str | os
             history.append(record)
             if progress:
                 tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}: train loss {record['train_loss']:.4f} "
-                           f"test top-1 {100 * record['test_top1']:.2f}% ({record['seconds']:.0f}s)")
+                           f"{eval_name} top-1 {100 * record['test_top1']:.2f}% ({record['seconds']:.0f}s)")
             if output is not None:
                 if ctx.is_main:
                     save_checkpoint(output, module, **(meta or {}), epoch=epoch + 1, history=history,
