@@ -184,8 +184,9 @@ def compare(dirs, output_dir: str) -> None:
 @click.option("--limit-test", type=click.IntRange(1), default=None, help="Evaluate on the first N test images only (default: the whole test split).")
 @click.option("--threads", type=click.IntRange(1), default=1, show_default=True, help="Intra-op threads for the latency measurement.")
 @click.option("--output-dir", "-o", type=click.Path(file_okay=False), default=None, help="Where the models and reports go (default: runs/quantize-RECIPE).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Where QAT recipes train (auto: CUDA when there is one). Export and evaluation run on the CPU.")
 def quantize(recipe: str, arch, weights, dataset: str, input_size, calibration_size, limit_test, threads: int,
-             output_dir) -> None:
+             output_dir, device: str) -> None:
     """Quantize a float model to int8 (QDQ ONNX) with a recipe, and measure both: accuracy, agreement, latency.
 
     Writes model_fp32.onnx, model_int8.onnx, recipe.toml (the resolved recipe), report.json and report.md.
@@ -200,7 +201,8 @@ def quantize(recipe: str, arch, weights, dataset: str, input_size, calibration_s
 
     out = output_dir or f"runs/quantize-{Path(recipe).stem}"
     r = run_quantize(recipe, weights=weights, arch=arch, dataset=dataset, input_size=input_size,
-                     calibration_size=calibration_size, output_dir=out, eval_limit=limit_test, threads=threads)
+                     calibration_size=calibration_size, output_dir=out, eval_limit=limit_test, threads=threads,
+                     device=device)
     for v in r["variants"]:
         top1 = v["accuracy"]["top1"]
         lat = (v.get("latency_ms") or {}).get("median")

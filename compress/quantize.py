@@ -415,14 +415,15 @@ def quantize(recipe: str | os.PathLike | Recipe = "int8", weights: str | os.Path
              arch: str | None = None, dataset: str = "fashion-mnist", input_size: int | None = None,
              calibration_size: int | None = None, output_dir: str | os.PathLike = DEFAULT_OUTPUT_DIR,
              eval_limit: int | None = None, threads: int = 1, latency: bool = True,
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True, device: str = "auto") -> dict[str, Any]:
     """Apply ``recipe`` to a float model and write the deployable int8 model with its evidence.
 
     ``weights=None`` uses the embedded default (MobileNetV3-Small trained on Fashion-MNIST).  Writes
     ``model_fp32.onnx``, ``model_int8.onnx``, ``recipe.toml`` (the resolved recipe), ``report.json`` and
     ``report.md`` into ``output_dir`` - each atomically, the report last.  Accuracy is measured on the first
     ``eval_limit`` test images (all when None); latency with ``threads`` threads at batch 1, both variants
-    interleaved in one measurement.  Returns the report (``report.json``'s content).
+    interleaved in one measurement.  ``device`` (auto / cpu / cuda) is where a QAT recipe trains; export and
+    evaluation run on the CPU.  Returns the report (``report.json``'s content).
     """
     from calibration.reader import TrainSplitReader
     from compress.default_model import resolve_model
@@ -432,13 +433,14 @@ def quantize(recipe: str | os.PathLike | Recipe = "int8", weights: str | os.Path
     from eval.latency import measure_interleaved
     from eval.report import write_run_report
 
-    from compress.distributed import launched_by_torchrun
+    from compress.distributed import DistContext, choose_device, launched_by_torchrun
 
     t_start = time.time()
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     if launched_by_torchrun():
         raise UserError("quantize runs in one process (QAT included); launch it without torchrun "
                         "(multi-process training: mnv3-compress train under torchrun)")
+    train_on = DistContext(device=choose_device(device))
     if calibration_size is not None:
         rec = rec.with_overrides("calibration", size=int(calibration_size))
     out = ensure_dir(output_dir)
@@ -471,7 +473,7 @@ def quantize(recipe: str | os.PathLike | Recipe = "int8", weights: str | os.Path
             fingerprint = qat_fingerprint(loaded.model, rec.quantize, rec.qat, reduce_range,
                                           data=f"{source.name}@{size[0]}x{size[1]}")
             qat = run_qat(loaded.model, source, rec.quantize, rec.qat, out / QAT_CHECKPOINT, fingerprint,
-                          reduce_range, progress)
+                          reduce_range, progress, dist=train_on)
             timings["qat_train_s"] = time.time() - t
             qg, qat_prepared = export_qat(qat.model, rec, wd, source.preprocess, cpu=cpu)
             checked_against = onnx.load(str(qat_prepared))

@@ -95,6 +95,23 @@ def assert_nothing_written(path: Path):
 
 # -- recipes ----------------------------------------------------------------------------------------
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_quantize_on_cuda_without_cuda(files, tmp_path):
+    out = tmp_path / "out"
+    assert_one_line_error(invoke(["quantize", "--recipe", "int8-qat", "--weights", files["ckpt"], "--device", "cuda",
+                                  "-o", out]), "no CUDA device is visible")
+    assert_nothing_written(out)
+
+
+def test_quantize_refuses_torchrun(files, tmp_path, monkeypatch):
+    for k, v in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(k, v)
+    out = tmp_path / "out"
+    assert_one_line_error(invoke(["quantize", "--recipe", "int8-qat", "--weights", files["ckpt"], "-o", out]),
+                          "launch it without torchrun")
+    assert_nothing_written(out)
+
+
 def test_unknown_recipe_lists_the_known_ones(files, tmp_path):
     out = tmp_path / "out"
     line = assert_one_line_error(invoke(["quantize", "--recipe", "nope", "--weights", files["ckpt"], "-o", out]),

@@ -340,7 +340,7 @@ def test_quantize_command_runs_a_qat_recipe(tiny, tmp_path):
     (tmp_path / "quick.toml").write_text(rec.to_toml())
     out = tmp_path / "run"
     res = CliRunner().invoke(main, ["quantize", "--recipe", str(tmp_path / "quick.toml"), "--weights",
-                                    str(weights), "--limit-test", "300", "-o", str(out)])
+                                    str(weights), "--limit-test", "300", "--device", "cpu", "-o", str(out)])
     assert res.exit_code == 0, res.output
     for f in ("model_fp32.onnx", "model_int8.onnx", "model_int8_ptq.onnx", "report.json", "report.md",
               "recipe.toml", "qat_checkpoint.pt"):
