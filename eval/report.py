@@ -153,9 +153,10 @@ def _markdown(title: str, groups: Sequence[tuple[list[dict], dict | None]], note
 
 # -- run reports ----------------------------------------------------------------------------------------
 
-def write_run_report(out_dir: str | os.PathLike, variants: list[dict], extra: dict | None = None
-                     ) -> tuple[Path, Path]:
-    """Write ``out_dir/report.json`` (``{"variants": variants, **extra}``) and ``out_dir/report.md`` (the table).
+def write_run_report(out_dir: str | os.PathLike, variants: list[dict], extra: dict | None = None,
+                     notes: Sequence[str] = ()) -> tuple[Path, Path]:
+    """Write ``out_dir/report.json`` (``{"variants": variants, **extra}``) and ``out_dir/report.md`` (the table,
+    then the markdown lines ``notes``).
 
     Each variant is ``{"name", "file", "is_reference", ...evaluate_onnx fields}``; the reference (float)
     variant is the baseline of "Δ vs float" and "speedup"."""
@@ -168,7 +169,7 @@ def write_run_report(out_dir: str | os.PathLike, variants: list[dict], extra: di
             raise ValueError(f"every variant needs a name, got keys {sorted(v)}")
     json_path = write_json(out / REPORT_JSON, {"variants": list(variants), **extra})
     title = str(extra.get("title") or f"Run {out.resolve().name}")
-    md_path = write_text(out / REPORT_MD, _markdown(title, [(list(variants), _reference(variants))]))
+    md_path = write_text(out / REPORT_MD, _markdown(title, [(list(variants), _reference(variants))], notes))
     return json_path, md_path
 
 

@@ -352,3 +352,5 @@ def test_quantize_command_runs_a_qat_recipe(tiny, tmp_path):
     assert report["quantization"]["calibration_method"] == "none (QAT scales)"
     assert report["checks"]["int8_conv_fraction"] == 1.0
     assert "QAT: fake-quant torch model top-1" in res.output
+    md = (out / "report.md").read_text()
+    assert "## Quantization-aware training" in md and "| 1 |" in md and "int8-ptq" in md
