@@ -265,7 +265,7 @@ def _finish(rec, loaded, source, seed_model, pruned, trajectory, table, out: Pat
     from compress.io import write_text
     from eval.evaluate import evaluate_onnx
     from eval.latency import measure_interleaved
-    from eval.report import write_run_report
+    from eval.report import run_header, write_run_report
 
     cfg = rec.prune
     size = source.preprocess.input_size
@@ -317,11 +317,7 @@ def _finish(rec, loaded, source, seed_model, pruned, trajectory, table, out: Pat
     speedup = lat["fp32"]["median"] / lat["netadapt-fp32"]["median"]
     timings["total"] = time.time() - t_start
     extra = {
-        "title": f"prune --recipe {rec.name}: {seed_model.spec.arch} @ {size[0]}x{size[1]} on {source.name}",
-        "command": "prune",
-        "recipe": {"name": rec.name, "source": rec.source, "file": "recipe.toml"},
-        "model": {"arch": seed_model.spec.arch, "weights": str(weights) if weights else "default",
-                  "source": loaded.source, "input_size": list(size), "dataset": source.name},
+        **run_header("prune", rec, seed_model.spec, weights, loaded.source, size, source.name),
         "outputs": {"pruned_onnx": "model_fp32.onnx", "reference_onnx": "reference_fp32.onnx",
                     "architecture": "arch.json", "checkpoint": "model.pt"},
         "deployment": {"threads": cfg.threads, "batch": cfg.batch, "runtime": "onnxruntime CPU"},

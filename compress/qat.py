@@ -37,7 +37,9 @@ import hashlib
 import json
 import logging
 import math
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -50,6 +52,7 @@ from torch.ao.quantization.quantization_mappings import get_default_qat_module_m
 
 from compress.errors import UserError
 from compress.mobilenetv3 import ConvBNAct, InvertedResidual, MobileNetV3, SqueezeExcitation
+from compress.quantize import prepare_float, quantize_prepared, weight_scale_overrides
 from recipes.loader import QATConfig, QuantizeConfig
 
 __all__ = ["QATMobileNetV3", "prepare_qat", "freeze_bn_stats", "freeze_observers", "to_float", "qat_qparams",
@@ -455,8 +458,6 @@ def _qparams(fq: tq.FakeQuantizeBase) -> tuple[np.ndarray, np.ndarray]:
 class QATParams:
     overrides: dict[str, list[dict[str, Any]]]  # onnxruntime TensorQuantOverrides
     ranges: dict[str, tuple[float, float]]  # the real range each activation scale / zero point encodes
-    activations: int
-    weights: int
     reduce_range: bool  # the QAT model's weight grid: the export reports (and must use) the same
     quantized: tuple[str, ...] = ()  # the tensors the QAT model quantizes: each needs a QuantizeLinear
 
@@ -490,23 +491,17 @@ def qat_qparams(model: QATMobileNetV3, prepared: onnx.ModelProto, q: QuantizeCon
             raise UserError(f"QAT export: no node {ws.node!r} with a weight initializer in the float graph")
         fq = mods[ws.module].weight_fake_quant
         scale, _ = _qparams(fq)
-        channels = int(inits[node.input[1]].dims[0])
         if fq.is_per_channel:
             # depthwise padding (compress.graph_passes.pad_depthwise_channels) appends zero channels: any scale
-            scale = np.concatenate([scale, np.ones(channels - scale.size, np.float32)])
-            overrides[node.input[1]] = [{"axis": 0, "scale": np.array(sc, dtype=np.float32),
-                                         "zero_point": np.array(0, dtype=np.int8)} for sc in scale]
-        else:
-            overrides[node.input[1]] = [{"scale": np.array(float(scale.reshape(-1)[0]), dtype=np.float32),
-                                         "zero_point": np.array(0, dtype=np.int8)}]
+            scale = np.concatenate([scale, np.ones(int(inits[node.input[1]].dims[0]) - scale.size, np.float32)])
+        overrides[node.input[1]] = weight_scale_overrides(scale, fq.is_per_channel)
     covered = {nodes[ws.node].input[1] for ws in model.weight_sites}
     stray = [n.name for n in prepared.graph.node if n.op_type in ("Conv", "Gemm") and n.input[1] in inits
              and n.input[1] not in covered]
     if stray:
         raise UserError(f"QAT export: {len(stray)} conv/gemm node(s) have no QAT weight quantizer, e.g. "
                         f"{stray[0]!r}")
-    return QATParams(overrides, ranges, len(model.sites), len(model.weight_sites), model.reduce_range,
-                     tuple(s.tensors[0] for s in model.sites))
+    return QATParams(overrides, ranges, model.reduce_range, tuple(s.tensors[0] for s in model.sites))
 
 
 # -- the recipe step: train, then export ------------------------------------------------------------------
@@ -535,16 +530,13 @@ def run_qat(model: MobileNetV3, source, q: QuantizeConfig, qat: QATConfig, check
     model) the run resumes from it, and a finished one is reused without training.  Returns the frozen model
     in eval mode.
     """
-    import os
-    import time as _time
-
     from compress.checkpoint import read_checkpoint
     from compress.train import fit
 
     qm = prepare_qat(model, q, qat, reduce_range)
     resume_state = None
     resumed_from = 0
-    if checkpoint is not None and os.path.exists(checkpoint):
+    if checkpoint is not None and Path(checkpoint).exists():
         state = read_checkpoint(checkpoint)
         if isinstance(state, dict) and state.get("qat_fingerprint") == fingerprint and "state_dict" in state:
             qm.load_state_dict(state["state_dict"])
@@ -555,7 +547,7 @@ def run_qat(model: MobileNetV3, source, q: QuantizeConfig, qat: QATConfig, check
             log.warning("QAT: %s belongs to another recipe or model; training from the start", checkpoint)
     cfg = _train_config(qat)
     schedule = FreezeSchedule(qat.freeze_bn_epochs, qat.freeze_observers_epochs)
-    t0 = _time.time()
+    t0 = time.time()
     if resume_state is not None and resumed_from >= qat.epochs:
         history = list(resume_state.get("history", []))
     else:
@@ -567,7 +559,7 @@ def run_qat(model: MobileNetV3, source, q: QuantizeConfig, qat: QATConfig, check
     freeze_observers(qm)
     qm.eval()
     report = {"epochs": qat.epochs, "resumed_from_epoch": resumed_from, "history": history,
-              "freeze_events": schedule.events, "train_seconds": round(_time.time() - t0, 1),
+              "freeze_events": schedule.events, "train_seconds": round(time.time() - t0, 1),
               "fake_quant_modules": sum(1 for _ in qm.fake_quants()), "activation_sites": len(qm.sites),
               "weight_sites": len(qm.weight_sites), "machinery": "torch.ao.quantization eager-mode QAT "
               "(fuse_modules_qat, QAT module swap, FakeQuantize / FixedQParamsFakeQuantize)"}
@@ -580,10 +572,7 @@ def export_qat(model: QATMobileNetV3, recipe, workdir, preprocess, cpu=None, ext
     :func:`to_float` -> fp32 ONNX -> ``prepare_float`` (the recipe's graph shaping) -> ``quantize_prepared``
     with :func:`qat_qparams` as the only source of quantization parameters.
     """
-    from pathlib import Path
-
     from compress.export import export_onnx
-    from compress.quantize import prepare_float, quantize_prepared
 
     work = Path(workdir) / "qat"
     work.mkdir(parents=True, exist_ok=True)

@@ -188,6 +188,15 @@ def fixed_qparam_overrides(model: onnx.ModelProto, q: QuantizeConfig) -> dict[st
             for name, (lo, hi) in fixed_range_tensors(model).items()}
 
 
+def weight_scale_overrides(scales: np.ndarray, per_channel: bool) -> list[dict[str, Any]]:
+    """TensorQuantOverrides for one symmetric int8 weight: a scale per output channel (axis 0) or one scale."""
+    zero = np.array(0, dtype=np.int8)
+    scales = np.asarray(scales, dtype=np.float32).reshape(-1)
+    if per_channel:
+        return [{"axis": 0, "scale": np.array(sc, dtype=np.float32), "zero_point": zero} for sc in scales]
+    return [{"scale": np.array(scales[0], dtype=np.float32), "zero_point": zero}]
+
+
 def low_bit_weight_overrides(model: onnx.ModelProto, q: QuantizeConfig, excluded: Sequence[str] = ()
                              ) -> dict[str, list[dict[str, Any]]]:
     """TensorQuantOverrides putting every Conv / Gemm weight on the recipe's ``weight_bits`` grid: symmetric
@@ -198,7 +207,6 @@ def low_bit_weight_overrides(model: onnx.ModelProto, q: QuantizeConfig, excluded
     qmax = 2 ** (q.weight_bits - 1) - 1
     inits = {i.name: i for i in model.graph.initializer}
     out: dict[str, list[dict[str, Any]]] = {}
-    zero = np.array(0, dtype=np.int8)
     for n in model.graph.node:
         if n.op_type not in ("Conv", "Gemm") or n.name in excluded or n.input[1] not in inits:
             continue
@@ -206,12 +214,7 @@ def low_bit_weight_overrides(model: onnx.ModelProto, q: QuantizeConfig, excluded
         if n.op_type == "Gemm" and any(a.name == "transB" and a.i == 0 for a in n.attribute):
             w = w.T  # output channels first, as onnxruntime's per-channel axis for Gemm expects
         absmax = np.abs(w.reshape(w.shape[0], -1)).max(axis=1) if q.per_channel else np.abs(w).max().reshape(1)
-        scales = np.maximum(absmax / qmax, np.finfo(np.float32).tiny).astype(np.float32)
-        if q.per_channel:
-            out[n.input[1]] = [{"axis": 0, "scale": np.array(sc, dtype=np.float32), "zero_point": zero}
-                               for sc in scales]
-        else:
-            out[n.input[1]] = [{"scale": np.array(scales[0], dtype=np.float32), "zero_point": zero}]
+        out[n.input[1]] = weight_scale_overrides(np.maximum(absmax / qmax, np.finfo(np.float32).tiny), q.per_channel)
     return out
 
 
@@ -256,10 +259,11 @@ def quantize_prepared(prepared: str | os.PathLike, ranges, recipe: Recipe, workd
     model = onnx.load(str(prepared))
     excluded = resolve_excluded_nodes(model, q.nodes_to_exclude, q.quantize_head)
     excluded += [n for n in extra_excluded if n not in excluded]
-    reduce_range, reason = resolve_reduce_range(q.reduce_range, cpu)
-    if qat_params is not None and qat_params.reduce_range != reduce_range:
-        reduce_range, reason = qat_params.reduce_range, (f"the QAT model was trained with "
-                                                         f"{'7' if qat_params.reduce_range else '8'}-bit weights")
+    if qat_params is None:
+        reduce_range, reason = resolve_reduce_range(q.reduce_range, cpu)
+    else:  # the grid the QAT model trained on, whatever this CPU would choose
+        reduce_range = qat_params.reduce_range
+        reason = f"the QAT model was trained with {'7' if reduce_range else '8'}-bit weights"
     overrides = fixed_qparam_overrides(model, q)
     if qat_params is not None:
         overrides.update(qat_params.overrides)
@@ -431,7 +435,7 @@ def quantize(recipe: str | os.PathLike | Recipe = "int8", weights: str | os.Path
     from compress.io import ensure_dir, write_bytes, write_text
     from eval.evaluate import evaluate_onnx
     from eval.latency import measure_interleaved
-    from eval.report import write_run_report
+    from eval.report import run_header, write_run_report
 
     from compress.distributed import DistContext, choose_device, launched_by_torchrun
 
@@ -466,6 +470,7 @@ def quantize(recipe: str | os.PathLike | Recipe = "int8", weights: str | os.Path
         mixed = None
         qat = None
         ptq = None
+        checked_against = prepared  # the float graph the int8 one must keep whole
         if rec.qat.enabled:  # fine-tune with fake quantization, export its own scales (compress/qat.py)
             from compress.qat import export_qat, qat_fingerprint, run_qat
 
@@ -493,8 +498,6 @@ def quantize(recipe: str | os.PathLike | Recipe = "int8", weights: str | os.Path
                 mixed = plan_for_recipe(prepared_path, ranges, rec, source, wd, cpu=cpu, threads=threads)
             qg = quantize_prepared(prepared_path, ranges, rec, wd, cpu=cpu,
                                    extra_excluded=mixed.nodes_to_exclude if mixed else ())
-        if qat is None:
-            checked_against = prepared
         timings["quantize_s"] = time.time() - t
         checks = int8_checks(qg.model, checked_against, rec.quantize, size)
         facts = {
@@ -565,11 +568,7 @@ def quantize(recipe: str | os.PathLike | Recipe = "int8", weights: str | os.Path
     ref_top1 = ev_fp32["accuracy"]["top1"]
     q_top1 = ev_int8["accuracy"]["top1"]
     extra = {
-        "title": f"quantize --recipe {rec.name}: {loaded.spec.arch} @ {size[0]}x{size[1]} on {source.name}",
-        "command": "quantize",
-        "recipe": {"name": rec.name, "source": rec.source, "file": "recipe.toml"},
-        "model": {"arch": loaded.spec.arch, "weights": str(weights) if weights else "default",
-                  "source": loaded.source, "input_size": list(size), "dataset": source.name},
+        **run_header("quantize", rec, loaded.spec, weights, loaded.source, size, source.name),
         "evaluation": {"split": "test", "images": eval_limit or len(source.split("test")),
                        "top1_drop_pt": None if ref_top1 is None or q_top1 is None
                        else round(100 * (ref_top1 - q_top1), 3)},

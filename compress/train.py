@@ -222,12 +222,8 @@ def fit(model: nn.Module, source: DataSource, cfg: TrainConfig, output: str | os
                                    sampler=sampler)
             t0 = time.time()
             bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
-            hook = None
-            if step_hook is not None:
-                first = epoch * steps_per_epoch
-
-                def hook(k: int, first: int = first) -> None:
-                    step_hook(module, first + k, steps_per_epoch)
+            hook = None if step_hook is None else (
+                lambda k: step_hook(module, epoch * steps_per_epoch + k, steps_per_epoch))
             loss_sum, correct, seen = _train_epoch(net, bar, opt, sched, criterion,
                                                    lambda x: augment(x, pad, cfg.hflip, gen), ctx, hook)
             if not math.isfinite(loss_sum):  # the same verdict on every rank: the sum is reduced

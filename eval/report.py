@@ -153,6 +153,17 @@ def _markdown(title: str, groups: Sequence[tuple[list[dict], dict | None]], note
 
 # -- run reports ----------------------------------------------------------------------------------------
 
+def run_header(command: str, recipe, spec, weights, model_source: str, input_size, dataset: str) -> dict:
+    """The keys every command's report starts with: title, command, recipe and the model it started from."""
+    return {
+        "title": f"{command} --recipe {recipe.name}: {spec.arch} @ {input_size[0]}x{input_size[1]} on {dataset}",
+        "command": command,
+        "recipe": {"name": recipe.name, "source": recipe.source, "file": "recipe.toml"},
+        "model": {"arch": spec.arch, "weights": str(weights) if weights else "default", "source": model_source,
+                  "input_size": list(input_size), "dataset": dataset},
+    }
+
+
 def write_run_report(out_dir: str | os.PathLike, variants: list[dict], extra: dict | None = None,
                      notes: Sequence[str] = ()) -> tuple[Path, Path]:
     """Write ``out_dir/report.json`` (``{"variants": variants, **extra}``) and ``out_dir/report.md`` (the table,
