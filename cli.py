@@ -109,7 +109,8 @@ def train(epochs, batch_size, lr, schedule, limit_train, limit_test, seed, sync_
     keeps the last complete epoch; --resume continues it (same or larger --epochs).  Launched by torchrun
     (torchrun --nproc_per_node=N -m cli train ...) it trains with DistributedDataParallel; rank 0 writes.
     """
-    from compress.train import TrainConfig, train as run_train
+    from compress.training.train import TrainConfig
+    from compress.training.train import train as run_train
 
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, schedule=schedule, limit_train=limit_train,
                       limit_test=limit_test, seed=seed, sync_bn=sync_bn, **({"lr": lr} if lr else {}))
@@ -134,7 +135,7 @@ def export(**kw) -> None:
 
     The file records in its metadata how to feed it (input size, mean/std, resize) and the architecture.
     """
-    from compress.export import export_model
+    from compress.onnx.export import export_model
 
     click.echo(str(export_model(**kw)))
 
@@ -197,7 +198,7 @@ def quantize(recipe: str, arch, weights, dataset: str, input_size, calibration_s
     """
     from pathlib import Path
 
-    from compress.quantize import quantize as run_quantize
+    from compress.quant.pipeline import quantize as run_quantize
 
     out = output_dir or f"runs/quantize-{Path(recipe).stem}"
     r = run_quantize(recipe, weights=weights, arch=arch, dataset=dataset, input_size=input_size,
@@ -249,7 +250,7 @@ def prune(recipe: str, arch, weights, dataset: str, input_size, target_latency_r
     """
     from pathlib import Path
 
-    from compress.netadapt import prune as run_prune
+    from compress.prune.netadapt import prune as run_prune
 
     out = output_dir or f"runs/prune-{Path(recipe).stem}"
     overrides = {} if target_latency_ratio is None else {"target_latency_ratio": target_latency_ratio}

@@ -13,7 +13,7 @@ Variants (per model; random torchvision-layout weights, 1000 classes: latency do
 * ``torch x86 int8``: torch's own int8 path - FX graph mode (``torch.ao.quantization.quantize_fx``) with the
   ``x86`` backend's default qconfig mapping (fbgemm/onednn kernels), run in eager PyTorch.  PT2E
   (``quantize_pt2e`` + ``X86InductorQuantizer``) is not in torch 2.13 (it moved to torchao, not installed);
-* ``int8`` / ``int8-mixed`` / ... : our recipes (``recipes/*.toml``) through ``compress.quantize``;
+* ``int8`` / ``int8-mixed`` / ... : our recipes (``recipes/*.toml``) through ``compress.quant.core``;
   ``int8 (no dw padding)`` is the int8 recipe without ``depthwise_channel_multiple`` (the graph-shaping ablation).
   int8-mixed plans for latency only here (``tolerable_loss = 1``): with random weights accuracy means nothing.
 
@@ -42,7 +42,7 @@ RECIPES = ("int8", "int8-mixed")
 def _float_model(arch: str):
     import torch
 
-    from compress.checkpoint import load_model
+    from compress.models.checkpoint import load_model
 
     torch.manual_seed(0)
     return load_model(None, arch, num_classes=1000).model.eval()
@@ -51,10 +51,10 @@ def _float_model(arch: str):
 def _ort_static(fp32_path: Path, reader, wd: Path, plain: bool) -> bytes:
     from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process, quantize_static
 
-    from compress.quantize import _quiet
+    from compress.quant.core import quiet
 
     pre, out = wd / f"pre_{plain}.onnx", wd / f"static_{plain}.onnx"
-    with _quiet():
+    with quiet():
         quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
         reader.rewind()
         if plain:
@@ -85,7 +85,8 @@ def _torch_x86(model, size: int, calib: list[np.ndarray]):
 def _our_recipe(name: str, fp32, source, reader, wd: Path, threads: int, batch: int) -> tuple[bytes, dict]:
     import onnx
 
-    from compress.quantize import calibrate, int8_checks, prepare_float, quantize_prepared
+    from compress.quant.checks import int8_checks
+    from compress.quant.core import calibrate, prepare_float, quantize_prepared
     from recipes.loader import load_recipe
 
     label = name
@@ -103,7 +104,7 @@ def _our_recipe(name: str, fp32, source, reader, wd: Path, threads: int, batch: 
     facts: dict[str, Any] = {}
     extra: list[str] = []
     if rec.mixed_precision.enabled:
-        from compress.mixed_precision import plan_for_recipe
+        from compress.quant.mixed_precision import plan_for_recipe
 
         plan = plan_for_recipe(prepared, ranges, rec, source, sub, threads=threads, batch=batch)
         extra = plan.nodes_to_exclude
@@ -171,7 +172,7 @@ def build(models, recipes, threads: int, batch: int, calib_size: int, with_torch
 
     from calibration.datasets import open_dataset
     from calibration.reader import TrainSplitReader
-    from compress.export import export_onnx
+    from compress.onnx.export import export_onnx
 
     torch.set_num_threads(threads)
     runners: dict[str, Callable] = {}
@@ -223,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", type=Path, help="also write the result here")
     args = p.parse_args(argv)
 
-    from compress.quantize import cpu_int8_info
+    from compress.quant.cpu import cpu_int8_info
     from eval.model_info import machine_info
 
     wanted = {s.strip() for s in args.models.split(",")}

@@ -2,7 +2,7 @@
 
 Every model is measured in ONE interleaved run (``eval.latency.measure_interleaved``: sessions built first,
 rounds alternate between models), so machine drift hits all alike.  The int8 models are made by the int8
-recipe's own functions (``compress.quantize``), calibrated on Fashion-MNIST train images at the model's size.
+recipe's own functions (``compress.quant.core``), calibrated on Fashion-MNIST train images at the model's size.
 
 Besides fp32 vs the recipe's int8, the candidates behind the recipe's choices are measured in the same run:
 
@@ -33,13 +33,13 @@ FORMS = (("hardswish", "op"), ("x_relu6", "op"), ("x_relu6", "relu6"))
 
 def _float_model(arch: str, size: int, weights: str | None):
     """(LoadedModel, source description)."""
-    from compress.checkpoint import load_model
+    from compress.models.checkpoint import load_model
 
     if weights:
         return load_model(weights, arch), weights
     if arch == "mobilenet_v3_small" and size == 32:
         from calibration.datasets import open_dataset
-        from compress.default_model import default_checkpoint_path
+        from compress.training.default_model import default_checkpoint_path
 
         path = default_checkpoint_path(arch, open_dataset("fashion-mnist", size))
         if path.exists():
@@ -56,8 +56,9 @@ def build_variants(arch: str, size: int, weights: str | None, forms: bool, calib
 
     from calibration.datasets import open_dataset
     from calibration.reader import TrainSplitReader
-    from compress.export import export_onnx
-    from compress.quantize import calibrate, int8_checks, prepare_float, quantize_prepared
+    from compress.onnx.export import export_onnx
+    from compress.quant.checks import int8_checks
+    from compress.quant.core import calibrate, prepare_float, quantize_prepared
     from recipes.loader import load_recipe
 
     loaded, src = _float_model(arch, size, weights)
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", type=Path, help="also write the result here")
     args = p.parse_args(argv)
 
-    from compress.quantize import cpu_int8_info, resolve_reduce_range
+    from compress.quant.cpu import cpu_int8_info, resolve_reduce_range
     from eval.latency import measure_interleaved
     from eval.model_info import machine_info
 

@@ -22,8 +22,8 @@ def _default_model(tmp: Path, arch: str, size: int) -> Path:
     import torch
 
     from calibration.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
-    from compress.export import export_onnx
-    from compress.mobilenetv3 import mobilenet_v3_large, mobilenet_v3_small
+    from compress.models.mobilenetv3 import mobilenet_v3_large, mobilenet_v3_small
+    from compress.onnx.export import export_onnx
 
     torch.manual_seed(0)
     model = (mobilenet_v3_small if arch == "small" else mobilenet_v3_large)().eval()

@@ -5,6 +5,7 @@ pixels into model input.  Training, calibration (train split only) and evaluatio
 """
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import os
 import struct
@@ -17,8 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from calibration.preprocess import (FASHION_MNIST_MEAN, FASHION_MNIST_STD, IMAGENET_MEAN, IMAGENET_STD,
-                                    Preprocess)
+from calibration.preprocess import FASHION_MNIST_MEAN, FASHION_MNIST_STD, IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from compress.errors import UserError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -60,9 +60,10 @@ class DataSource:
         ds = self.split(which, limit)
         gen = torch.Generator().manual_seed(seed)
         return DataLoader(ds, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                          generator=gen, drop_last=drop_last, collate_fn=self._collate, num_workers=0)
+                          generator=gen, drop_last=drop_last, collate_fn=self.collate, num_workers=0)
 
-    def _collate(self, items):
+    def collate(self, items):
+        """Raw ``(pixels, label)`` items -> one preprocessed batch ``(input [N,3,H,W], labels [N])``."""
         pixels = [it[0] for it in items]
         labels = torch.tensor([int(it[1]) for it in items], dtype=torch.int64)
         if all(p.shape == pixels[0].shape for p in pixels):
@@ -70,6 +71,14 @@ class DataSource:
         else:  # imagefolder: every image has its own size
             x = torch.cat([self.preprocess(p.unsqueeze(0)) for p in pixels])
         return x, labels
+
+    def resplit(self, train: Sequence[int], test: Sequence[int], of: str = "train") -> "DataSource":
+        """This dataset with its "train" and "test" splits replaced by the given images of split ``of``
+        (NetAdapt fine-tunes on one part of the train split and scores on another)."""
+        base = self._splits[of]
+        train, test = [int(i) for i in train], [int(i) for i in test]
+        return dataclasses.replace(self, _splits={"train": lambda: torch.utils.data.Subset(base(), train),
+                                                  "test": lambda: torch.utils.data.Subset(base(), test)})
 
     def numpy_batches(self, which: str, batch_size: int = 64, limit: int | None = None
                       ) -> Iterator[tuple[np.ndarray, np.ndarray]]:

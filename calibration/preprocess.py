@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch.nn import functional as F
+
+if TYPE_CHECKING:  # torch is imported when pixels are processed, so reading a model's metadata stays light
+    import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -59,6 +61,8 @@ class Preprocess:
     # -- application --------------------------------------------------------------------------------
     def __call__(self, pixels: torch.Tensor | np.ndarray) -> torch.Tensor:
         """uint8 pixels, ``[N, H, W]`` (grayscale) or ``[N, H, W, C]`` (same size within the batch) -> ``[N, 3, h, w]`` float32."""
+        import torch
+
         x = torch.as_tensor(pixels)
         if x.ndim == 3:
             x = x.unsqueeze(-1)
@@ -78,6 +82,8 @@ class Preprocess:
         return ((x - mean) / std).contiguous()
 
     def _resize_crop(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.nn import functional as F
+
         th, tw = self.input_size
         h, w = x.shape[-2:]
         kw = dict(mode=self.interpolation)

@@ -1,55 +1,19 @@
 """Calibration data for onnxruntime's static quantization: a deterministic subset of the TRAIN split.
 
 The test split is never read here: it measures the result, so it must not shape the quantization ranges.
-:func:`calibration_indices` draws ``size`` distinct train images with a seeded generator (the same images on
-every run and machine); :func:`holdout_indices` gives train images disjoint from them, which the tuning loop
-uses to measure accuracy without touching the test split.
+The images are :func:`calibration.subsets.calibration_indices` (seeded: the same images on every run and
+machine); tuning and mixed precision measure on train images disjoint from them
+(:class:`calibration.subsets.Holdout`).
 """
 from __future__ import annotations
 
-from typing import Iterator
-
 import numpy as np
-import torch
 from onnxruntime.quantization import CalibrationDataReader
 
 from calibration.datasets import DataSource
-from compress.errors import UserError
+from calibration.subsets import CALIBRATION_SPLIT, calibration_indices, train_batches
 
-__all__ = ["TrainSplitReader", "calibration_indices", "holdout_indices", "CALIBRATION_SPLIT"]
-
-CALIBRATION_SPLIT = "train"
-
-
-def calibration_indices(n_train: int, size: int, seed: int = 0) -> np.ndarray:
-    """``size`` distinct indices into the train split, drawn by ``seed`` and sorted (reads stay sequential)."""
-    if size < 1:
-        raise UserError(f"calibration size must be at least 1, got {size}")
-    if size > n_train:
-        raise UserError(f"calibration size {size} exceeds the {n_train} images of the train split "
-                        f"(use --calibration-size {n_train} or less)")
-    rng = np.random.default_rng(seed)
-    return np.sort(rng.permutation(n_train)[:size])
-
-
-def holdout_indices(n_train: int, calib_size: int, size: int, seed: int = 0) -> np.ndarray:
-    """``size`` train indices disjoint from :func:`calibration_indices` (same ``seed``): tuning's validation set."""
-    rng = np.random.default_rng(seed)
-    perm = rng.permutation(n_train)
-    rest = perm[calib_size:]
-    if size > len(rest):
-        raise UserError(f"tuning needs {size} train images besides the {calib_size} calibration images, "
-                        f"but the train split has only {n_train}")
-    return np.sort(rest[:size])
-
-
-def train_batches(source: DataSource, indices: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Preprocessed ``(inputs [N,3,H,W] float32, labels [N])`` batches of the given train images."""
-    ds = torch.utils.data.Subset(source.split(CALIBRATION_SPLIT), [int(i) for i in indices])
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=source._collate,
-                                         num_workers=0)
-    for x, y in loader:
-        yield x.numpy(), y.numpy()
+__all__ = ["TrainSplitReader"]
 
 
 class TrainSplitReader(CalibrationDataReader):

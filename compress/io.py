@@ -1,6 +1,5 @@
-"""Atomic output: write to a temp file in the target directory, then rename over the target.
-
-An interrupted run therefore never leaves a half-written model, checkpoint or report.
+"""Files: atomic output (write to a temp file in the target directory, then rename over the target, so an
+interrupted run never leaves a half-written model, checkpoint or report) and the cache home.
 """
 from __future__ import annotations
 
@@ -12,6 +11,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from compress.errors import UserError
+
+HOME_ENV = "MNV3_COMPRESS_HOME"
+
+
+def home() -> Path:
+    """The cache directory: ``$MNV3_COMPRESS_HOME``, default ``~/.cache/mnv3-compress``."""
+    return Path(os.environ.get(HOME_ENV) or Path.home() / ".cache" / "mnv3-compress").expanduser()
 
 
 def ensure_dir(path: str | os.PathLike) -> Path:

@@ -1,13 +1,15 @@
 """Accuracy of an ONNX model on a dataset split: predictions with onnxruntime, top-k, agreement."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from calibration.datasets import DataSource
 from compress.errors import UserError
 from eval.model_info import ModelLike, graph_input_dims, load_model
+
+if TYPE_CHECKING:
+    from calibration.datasets import DataSource
 
 
 def check_input_fits(model: ModelLike, source: DataSource) -> None:

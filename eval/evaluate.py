@@ -2,14 +2,25 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from calibration.datasets import DataSource, open_dataset
 from compress.errors import UserError
 from eval.accuracy import agreement, check_input_fits, predict, topk_accuracy
 from eval.latency import measure_latency
-from eval.model_info import (ModelLike, count_macs, input_size, load_model, machine_info, metadata_preprocess,
-                             model_bytes, model_params, size_bytes)
+from eval.model_info import (
+    ModelLike,
+    count_macs,
+    input_size,
+    load_model,
+    machine_info,
+    metadata_preprocess,
+    model_bytes,
+    model_params,
+    size_bytes,
+)
+
+if TYPE_CHECKING:  # the datasets (torch) are imported only when data is read
+    from calibration.datasets import DataSource
 
 ACCURACY_BATCH = 256
 
@@ -26,6 +37,8 @@ def dataset_for(model: ModelLike, dataset: str | DataSource = "fashion-mnist") -
     The metadata's preprocessing wins over the dataset's definition, except that grayscale images are still
     expanded to RGB when the dataset needs it (that is a property of the data, not of the model).
     """
+    from calibration.datasets import DataSource, open_dataset
+
     proto = load_model(model)
     meta = metadata_preprocess(proto)
     hw = input_size(proto)

@@ -22,7 +22,7 @@ from onnx import numpy_helper, shape_inference
 
 from calibration.preprocess import Preprocess
 from compress.errors import UserError
-from compress.export import get_metadata
+from compress.onnx.metadata import get_metadata
 
 ModelLike = Union[str, os.PathLike, bytes, onnx.ModelProto]
 

@@ -21,8 +21,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from calibration.datasets import FASHION_MNIST_DIR
 from cli import main
-from compress.checkpoint import save_checkpoint
-from compress.mobilenetv3 import mobilenet_v3_small
+from compress.models.checkpoint import save_checkpoint
+from compress.models.mobilenetv3 import mobilenet_v3_small
 
 needs_fmnist = pytest.mark.skipif(not Path(FASHION_MNIST_DIR).is_dir(), reason="Fashion-MNIST is not installed")
 TINY = ["--width-mult", "0.5", "--input-size", "32"]
@@ -38,7 +38,7 @@ def _isolated(tmp_path, monkeypatch):
 def files(tmp_path_factory):
     """Tiny valid inputs: our checkpoint, a torchvision state_dict, the fp32 ONNX export, a regular file."""
     from calibration.datasets import open_dataset
-    from compress.export import export_onnx
+    from compress.onnx.export import export_onnx
 
     d = tmp_path_factory.mktemp("inputs")
     torch.manual_seed(0)

@@ -26,9 +26,9 @@ from click.testing import CliRunner
 
 from calibration.datasets import FASHION_MNIST_DIR
 from cli import main
-from compress.checkpoint import load_model, read_checkpoint, save_checkpoint
 from compress.io import atomic_path
-from compress.mobilenetv3 import mobilenet_v3_small
+from compress.models.checkpoint import load_model, read_checkpoint, save_checkpoint
+from compress.models.mobilenetv3 import mobilenet_v3_small
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_fmnist = pytest.mark.skipif(not Path(FASHION_MNIST_DIR).is_dir(), reason="Fashion-MNIST is not installed")
@@ -201,7 +201,7 @@ def test_the_malicious_checkpoint_is_live(tmp_path):
 
 @needs_fmnist
 def test_same_seed_same_float_weights(tmp_path):
-    from compress.train import TrainConfig, train
+    from compress.training.train import TrainConfig, train
 
     cfg = TrainConfig(epochs=1, batch_size=32, limit_train=64, limit_test=32, seed=3)
     for name in ("a.pt", "b.pt"):
@@ -219,7 +219,7 @@ def test_same_seed_same_float_weights(tmp_path):
 
 @needs_fmnist
 def test_same_float_model_same_int8_model(tmp_path):
-    from compress.quantize import quantize
+    from compress.quant.pipeline import quantize
 
     weights = _tiny_checkpoint(tmp_path / "tiny.pt")
     models = []

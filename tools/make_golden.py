@@ -6,13 +6,13 @@ Run with an environment that has torchvision and timm (no network: no pretrained
     /work/refvenv/bin/python tools/make_golden.py mobilenet_v3_small mobilenetv3_small_100
 
 Every state_dict entry of each reference model is set to ``synth_tensor(key, shape)``, defined once in
-tests/compress/test_reference_layouts.py and read from there (that module needs pytest, which the reference
+tests/compress/models/test_reference_layouts.py and read from there (that module needs pytest, which the reference
 environment lacks, so the ``synth_*`` functions are lifted out of its source).  The model runs in eval mode on
 ``synth_input()`` and the file records the state_dict layout, the parameter count and the logits.
 """
 from __future__ import annotations
-
 import __future__
+
 import ast
 import json
 import math
@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-TEST_MODULE = ROOT / "tests" / "compress" / "test_reference_layouts.py"
+TEST_MODULE = ROOT / "tests" / "compress" / "models" / "test_reference_layouts.py"
 GOLDEN_DIR = ROOT / "tests" / "golden"
 MAX_BYTES = 50_000
 

@@ -28,6 +28,7 @@ def test_fashion_mnist_splits_and_preprocessing():
 
 def ds_root():
     import os
+
     from calibration.datasets import FASHION_MNIST_DIR
     return os.environ.get(FASHION_MNIST_ENV) or FASHION_MNIST_DIR
 

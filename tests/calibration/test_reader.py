@@ -13,31 +13,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from calibration.datasets import FASHION_MNIST_DIR, open_dataset  # noqa: E402
-from calibration.reader import TrainSplitReader, calibration_indices, holdout_indices  # noqa: E402
-from compress.errors import UserError  # noqa: E402
+from calibration.reader import TrainSplitReader  # noqa: E402
+from calibration.subsets import calibration_indices  # noqa: E402
 
 needs_data = pytest.mark.skipif(not Path(FASHION_MNIST_DIR).is_dir(), reason="Fashion-MNIST is not installed")
-
-
-def test_indices_are_deterministic_distinct_and_sorted():
-    a = calibration_indices(60000, 500, seed=0)
-    assert np.array_equal(a, calibration_indices(60000, 500, seed=0))
-    assert len(np.unique(a)) == 500 and np.all(np.diff(a) > 0)
-    assert a.min() >= 0 and a.max() < 60000
-    assert not np.array_equal(a, calibration_indices(60000, 500, seed=1))
-    assert a.max() > 30000  # spread over the split, not its first images
-    with pytest.raises(UserError, match="exceeds"):
-        calibration_indices(100, 101)
-    with pytest.raises(UserError):
-        calibration_indices(100, 0)
-
-
-def test_holdout_is_disjoint_from_calibration():
-    cal = calibration_indices(60000, 512, seed=3)
-    hold = holdout_indices(60000, 512, 2000, seed=3)
-    assert len(hold) == 2000 and not set(cal) & set(hold)
-    with pytest.raises(UserError, match="train images besides"):
-        holdout_indices(1000, 512, 600)
 
 
 @needs_data

@@ -17,7 +17,7 @@ from eval_helpers import FASHION_MNIST, tiny_torch_model  # noqa: E402
 def tiny(tmp_path_factory):
     """(torch model, path of its fp32 ONNX export at 32x32 with Fashion-MNIST preprocessing)."""
     from calibration.datasets import open_dataset
-    from compress.export import export_onnx
+    from compress.onnx.export import export_onnx
 
     if not FASHION_MNIST.is_dir():
         pytest.skip("Fashion-MNIST is not installed")

@@ -12,7 +12,7 @@ FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
 def tiny_torch_model():
-    from compress.mobilenetv3 import mobilenet_v3_small
+    from compress.models.mobilenetv3 import mobilenet_v3_small
 
     torch.manual_seed(0)
     return mobilenet_v3_small(width_mult=0.25, num_classes=10).eval()

@@ -6,7 +6,6 @@ import gzip
 import numpy as np
 import pytest
 import torch
-
 from eval_helpers import FASHION_MNIST, constant_logits_model
 
 from calibration.datasets import open_dataset

@@ -8,7 +8,6 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-
 from eval_helpers import constant_logits_model
 
 from compress.errors import UserError
@@ -72,7 +71,7 @@ def test_metadata_preprocess_wins(tiny, tmp_path):
     src = dataset_for(tiny[1], "fashion-mnist")
     assert src.preprocess == open_dataset("fashion-mnist", 32).preprocess
     m = onnx.load(str(tiny[1]))
-    from compress.export import set_metadata
+    from compress.onnx.metadata import set_metadata
 
     pre = json.loads(next(p.value for p in m.metadata_props if p.key == "mnv3_compress.preprocess"))
     pre["mean"] = [0.5, 0.5, 0.5]

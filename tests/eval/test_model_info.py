@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import onnx
 import pytest
-
 from eval_helpers import conv_gemm_model, quantize_tiny
 
-from compress.export import set_metadata, to_onnx
-from compress.mobilenetv3 import count_params, mobilenet_v3_large, mobilenet_v3_small
+from compress.models.mobilenetv3 import count_params, mobilenet_v3_large, mobilenet_v3_small
+from compress.onnx.export import to_onnx
+from compress.onnx.metadata import set_metadata
 from eval.model_info import ISA_FLAGS, count_macs, input_shape, machine_info, model_params
 
 

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from eval_helpers import quantize_tiny
 
 from eval.profile import compare_profiles, layer_of, profile_onnx, render_comparison, render_profile, summarize_events
-from eval_helpers import quantize_tiny
 
 
 @pytest.mark.parametrize("node, layer", [

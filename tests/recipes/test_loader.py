@@ -2,17 +2,25 @@
 from __future__ import annotations
 
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from recipes.loader import (CALIBRATION_METHODS, HSWISH_FORMS, Recipe, RecipeError, dump_toml,  # noqa: E402
-                            list_recipes, load_recipe, recipe_from_dict)
+from recipes.loader import (  # noqa: E402
+    CALIBRATION_METHODS,
+    HSWISH_FORMS,
+    Recipe,
+    RecipeError,
+    dump_toml,
+    list_recipes,
+    load_recipe,
+    recipe_from_dict,
+)
 
 MINIMAL = 'version = 1\nname = "mine"\ndescription = "a user recipe"\n'
 

@@ -1,0 +1,35 @@
+"""Small read-only views of an ONNX graph shared by the passes: who writes and reads each tensor, attributes."""
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+
+import numpy as np
+import onnx
+
+__all__ = ["producers_consumers", "op_counts", "conv_nodes", "attr_int", "is_scalar_initializer"]
+
+
+def producers_consumers(g: onnx.GraphProto) -> tuple[dict[str, onnx.NodeProto], dict[str, list[onnx.NodeProto]]]:
+    """Who writes each tensor, and who reads it."""
+    producer = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for n in g.node:
+        for i in n.input:
+            consumers[i].append(n)
+    return producer, consumers
+
+
+def op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    return dict(Counter(n.op_type for n in model.graph.node))
+
+
+def conv_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    return [n for n in model.graph.node if n.op_type == "Conv"]
+
+
+def attr_int(node: onnx.NodeProto, name: str, default: int) -> int:
+    return next((a.i for a in node.attribute if a.name == name), default)
+
+
+def is_scalar_initializer(name: str, inits: dict) -> bool:
+    return name in inits and int(np.prod(inits[name].dims)) <= 1

@@ -1,0 +1,1 @@
+"""Channel pruning: channel groups and their removal, the measured latency table, NetAdapt's search."""

@@ -1,0 +1,242 @@
+"""Per-layer latency lookup table (NetAdapt §3.2): measured, not estimated from MACs.
+
+Each *unit* of the network - the stem conv, one inverted-residual block (expansion, depthwise, SE, projection
+and residual add, as onnxruntime fuses them), the last 1x1 conv, and the head (pool + classifier) - is
+exported on its own as a small ONNX graph at its input shape and timed with onnxruntime on the deployment
+settings (threads, batch).  Each unit is timed in interleaved rounds together with a trivial graph (one
+Identity on the unit's input), and the table stores the unit's *marginal* time: its median minus that
+baseline's median.  The whole network is then predicted as ``base + sum(marginal times)``, ``base`` being the
+fixed cost of one ``session.run`` (input binding, output allocation) that a real network pays once.
+
+The table is cached as JSON under ``$MNV3_COMPRESS_HOME/latency/`` in a file keyed by CPU model, onnxruntime
+version, threads, batch and input size; an entry is measured once and reused across runs.  How well the sum
+agrees with whole-network measurements is checked by :func:`agreement` and reported by NetAdapt.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from onnx import TensorProto, helper
+from torch import nn
+from tqdm import tqdm
+
+from compress.io import home as default_home
+from compress.io import write_json
+from compress.models.mobilenetv3 import ArchSpec, ConvBNAct, InvertedResidual, _act
+
+__all__ = ["LatencyTable", "network_units", "unit_module", "table_path", "agreement"]
+
+TABLE_VERSION = 1
+
+
+def _out_size(h: int, kernel: int, stride: int, dilation: int = 1) -> int:
+    pad = (kernel - 1) // 2 * dilation
+    return (h + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def network_units(spec: ArchSpec, input_size: int) -> list[dict[str, Any]]:
+    """The units of ``spec`` in forward order, each a dict (kind, configuration, input side ``hw``)."""
+    h = input_size
+    units: list[dict[str, Any]] = [{"kind": "stem", "out": spec.stem_channels, "act": spec.stem_act, "hw": h}]
+    h = _out_size(h, 3, 2)
+    for b in spec.blocks:
+        units.append({"kind": "block", **dataclasses.asdict(b), "hw": h})
+        h = _out_size(h, b.kernel, 1 if b.dilation > 1 else b.stride, b.dilation)
+    units.append({"kind": "last", "in": spec.blocks[-1].out_ch, "out": spec.last_conv, "act": spec.head_act, "hw": h})
+    units.append({"kind": "head", "in": spec.last_conv, "hidden": spec.last_channel, "classes": spec.num_classes,
+                  "act": spec.head_act, "hw": h})
+    return units
+
+
+def unit_key(unit: dict[str, Any]) -> str:
+    return json.dumps(unit, sort_keys=True, separators=(",", ":"))
+
+
+class _Head(nn.Module):
+    """Pool + classifier exactly as :class:`MobileNetV3` runs them."""
+
+    def __init__(self, cin: int, hidden: int, classes: int, act: str) -> None:
+        super().__init__()
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Linear(cin, hidden), _act(act), nn.Dropout(0.2), nn.Linear(hidden, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.avgpool(x), 1))
+
+
+def unit_module(unit: dict[str, Any]) -> tuple[nn.Module, tuple[int, int, int]]:
+    """The torch module of a unit (random weights: they do not change the latency) and its input [C, H, W]."""
+    kind, h = unit["kind"], unit["hw"]
+    if kind == "stem":
+        return ConvBNAct(3, unit["out"], 3, stride=2, act=unit["act"]), (3, h, h)
+    if kind == "block":
+        from compress.models.mobilenetv3 import BlockConfig
+
+        cfg = BlockConfig(**{k: v for k, v in unit.items() if k not in ("kind", "hw")})
+        return InvertedResidual(cfg), (cfg.in_ch, h, h)
+    if kind == "last":
+        return ConvBNAct(unit["in"], unit["out"], 1, act=unit["act"]), (unit["in"], h, h)
+    if kind == "head":
+        return _Head(unit["in"], unit["hidden"], unit["classes"], unit["act"]), (unit["in"], h, h)
+    raise ValueError(f"unknown unit kind {kind!r}")
+
+
+def unit_onnx(unit: dict[str, Any], batch: int) -> bytes:
+    """The unit exported as it would be inside the whole network (BN folded, opset 17), static shape."""
+    module, chw = unit_module(unit)
+    module.eval()
+    with torch.no_grad():  # non-trivial BN statistics, as in a trained network
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_var.uniform_(0.5, 2.0)
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (torch.zeros(batch, *chw),), buf, dynamo=False, opset_version=17,
+                          input_names=["input"], output_names=["output"], do_constant_folding=True)
+    return buf.getvalue()
+
+
+def identity_onnx(batch: int, chw: Sequence[int]) -> bytes:
+    """The baseline: a graph that only hands its input back (what every session.run costs)."""
+    shape = [batch, *chw]
+    graph = helper.make_graph([helper.make_node("Identity", ["input"], ["output"])], "identity",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, shape)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+def table_path(input_size: int, threads: int, batch: int, home: Path | None = None) -> Path:
+    """``$MNV3_COMPRESS_HOME/latency/<cpu>_ort<version>_t<threads>_b<batch>_<size>.json``."""
+    from eval.model_info import machine_info
+
+    info = machine_info()
+    cpu = str(info.get("cpu") or "cpu")
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", cpu).strip("-")[:40] or "cpu"
+    digest = hashlib.sha1(f"{cpu}|{info.get('cores')}|{','.join(info.get('isa') or [])}".encode()).hexdigest()[:8]
+    name = f"{slug}-{digest}_ort{info.get('onnxruntime')}_t{threads}_b{batch}_{input_size}.json"
+    return (home or default_home()) / "latency" / name
+
+
+class LatencyTable:
+    """Measured marginal latency (ms) of network units on this machine at ``threads`` x ``batch``."""
+
+    def __init__(self, input_size: int, threads: int = 1, batch: int = 1, path: str | Path | None = None,
+                 rounds: int = 3, round_time_s: float = 0.04, progress: bool = True) -> None:
+        from eval.model_info import machine_info
+
+        self.input_size, self.threads, self.batch = int(input_size), int(threads), int(batch)
+        self.path = Path(path) if path is not None else table_path(self.input_size, self.threads, self.batch)
+        self.rounds, self.round_time_s, self.progress = rounds, round_time_s, progress
+        self.machine = machine_info()
+        self.entries: dict[str, dict[str, float]] = {}
+        self.base_ms: list[float] = []  # the Identity baseline of every measurement batch
+        self.measured_here = 0
+        self._load()
+
+    def _load(self) -> None:
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return
+        if (data.get("version") == TABLE_VERSION and data.get("threads") == self.threads
+                and data.get("batch") == self.batch and data.get("input_size") == self.input_size
+                and data.get("machine", {}).get("onnxruntime") == self.machine.get("onnxruntime")):
+            self.entries = dict(data.get("units", {}))
+            self.base_ms = list(data.get("base_ms", []))
+
+    def save(self) -> Path:
+        return write_json(self.path, {
+            "version": TABLE_VERSION, "input_size": self.input_size, "threads": self.threads, "batch": self.batch,
+            "machine": self.machine, "base_ms": self.base_ms, "units": self.entries})
+
+    @property
+    def base(self) -> float:
+        """Fixed per-run cost (ms): the median of the baselines measured so far."""
+        return float(np.median(self.base_ms)) if self.base_ms else 0.0
+
+    def missing(self, specs: Iterable[ArchSpec]) -> list[dict[str, Any]]:
+        seen, out = set(self.entries), []
+        for spec in specs:
+            for u in network_units(spec, self.input_size):
+                k = unit_key(u)
+                if k not in seen:
+                    seen.add(k)
+                    out.append(u)
+        return out
+
+    def measure(self, units: Sequence[dict[str, Any]], chunk: int = 8) -> None:
+        """Time ``units`` (a few at a time, interleaved with their Identity baselines) and store them."""
+        from eval.latency import measure_interleaved
+
+        units = [u for u in units if unit_key(u) not in self.entries]
+        bar = tqdm(total=len(units), desc="latency table", leave=False, disable=not (self.progress and units))
+        for start in range(0, len(units), chunk):
+            part = units[start:start + chunk]
+            models: dict[str, bytes] = {}
+            for i, u in enumerate(part):
+                _, chw = unit_module(u)
+                models[f"u{i}"] = unit_onnx(u, self.batch)
+                models.setdefault(f"base{chw}", identity_onnx(self.batch, chw))
+            r = measure_interleaved(models, threads=self.threads, batch=self.batch, rounds=self.rounds,
+                                    warmup=5, round_time_s=self.round_time_s)
+            bases = {k: v["median"] for k, v in r.items() if k.startswith("base")}
+            self.base_ms.append(float(np.median(list(bases.values()))))
+            for i, u in enumerate(part):
+                _, chw = unit_module(u)
+                marginal = max(0.0, r[f"u{i}"]["median"] - bases[f"base{chw}"])
+                self.entries[unit_key(u)] = {"ms": round(marginal, 5), "raw_ms": r[f"u{i}"]["median"],
+                                             "cv": r[f"u{i}"]["cv"]}
+            self.measured_here += len(part)
+            bar.update(len(part))
+        bar.close()
+        if units:
+            self.save()
+
+    def unit_ms(self, unit: dict[str, Any]) -> float:
+        k = unit_key(unit)
+        if k not in self.entries:
+            self.measure([unit])
+        return float(self.entries[k]["ms"])
+
+    def breakdown(self, spec: ArchSpec) -> list[tuple[str, float]]:
+        """(unit name, marginal ms) for every unit of ``spec``."""
+        self.measure(self.missing([spec]))
+        names = ["stem"] + [f"block{i}" for i in range(len(spec.blocks))] + ["last_conv", "head"]
+        return [(n, self.unit_ms(u)) for n, u in zip(names, network_units(spec, self.input_size))]
+
+    def predict(self, spec: ArchSpec) -> float:
+        """Predicted whole-network latency (ms): the per-run baseline plus every unit's marginal time."""
+        self.measure(self.missing([spec]))
+        return self.base + sum(self.unit_ms(u) for u in network_units(spec, self.input_size))
+
+
+def agreement(predicted: Sequence[float], measured: Sequence[float]) -> dict[str, Any]:
+    """How well table predictions match whole-network measurements: mean / max absolute relative error, the
+    mean signed error (bias), and - for two or more networks - the Pearson correlation and the error after one
+    scale calibrated on the first network (how NetAdapt uses the table: relative to the seed model)."""
+    p, m = np.asarray(predicted, dtype=float), np.asarray(measured, dtype=float)
+    if len(p) == 0 or len(p) != len(m):
+        return {"networks": 0}
+    rel = (p - m) / m
+    out: dict[str, Any] = {"networks": int(len(p)), "mean_abs_rel_error": round(float(np.abs(rel).mean()), 4),
+                           "max_abs_rel_error": round(float(np.abs(rel).max()), 4),
+                           "mean_rel_error": round(float(rel.mean()), 4)}
+    if len(p) > 1:
+        scaled = p * (m[0] / p[0])
+        out["mean_abs_rel_error_seed_calibrated"] = round(float(np.abs((scaled - m) / m).mean()), 4)
+        out["pearson_r"] = round(float(np.corrcoef(p, m)[0, 1]), 4) if np.std(p) > 0 and np.std(m) > 0 else None
+        dp, dm = p[0] - p, m[0] - m  # latency saved relative to the seed: predicted vs measured
+        mask = np.abs(dm) > 0
+        out["saved_ratio_pred_over_measured"] = (round(float(np.median(dp[mask] / dm[mask])), 4)
+                                                 if mask.any() else None)
+    return out

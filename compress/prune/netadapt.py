@@ -1,0 +1,385 @@
+"""NetAdapt (Yang et al., 2018) as used for MobileNetV3 (Howard et al., 2019, §4.2): ``mnv3-compress prune``.
+
+Start from a trained network.  Each iteration makes one *proposal* per channel group
+(:func:`compress.prune.channels.channel_groups`: one block's expansion, or the bottleneck of all blocks sharing a
+residual stream, or the head): the smallest cut, in steps of 8 channels, whose latency - predicted by the
+measured per-layer table (:mod:`compress.prune.latency_table`) - is at least ``delta = delta_ratio x L(seed)``
+lower.  Each proposal keeps its most important channels (``importance``), gets a short fine-tune on the
+train split, and is scored on a held-out subset of the TRAIN split (never the test split).  The kept
+proposal maximises ``dAccuracy / |dLatency|`` (``selection = "ratio"``, the MobileNetV3 rule) or the
+accuracy itself (``"min_drop"``, NetAdapt's original rule).  Its whole-network latency is then measured
+(onnxruntime, the deployment's threads and batch, interleaved with the seed model); the loop stops once that
+measurement and the table's prediction are both at most ``target_latency_ratio`` of the seed's (one noisy
+measurement alone does not end the search).  A longer fine-tune follows, and the result is
+measured on the full test split against the unpruned model, latencies timed interleaved in one run.
+
+Outputs (each written atomically): ``model_fp32.onnx`` (the pruned float network), ``reference_fp32.onnx``
+(the unpruned one), ``arch.json`` (the pruned architecture as data), ``model.pt`` (checkpoint with the
+architecture), ``recipe.toml``, ``report.json`` / ``report.md`` with every iteration in ``trajectory``.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from calibration.datasets import DataSource
+from calibration.subsets import partition
+from compress.errors import UserError
+from compress.io import ensure_dir, write_text
+from compress.models.checkpoint import save_checkpoint
+from compress.models.mobilenetv3 import ArchSpec, MobileNetV3, count_params
+from compress.onnx.export import export_onnx, to_onnx
+from compress.prune.channels import (
+    DIVISOR,
+    ChannelGroup,
+    channel_groups,
+    pruned_spec,
+    save_arch,
+    shrink_group,
+    structure_problems,
+)
+from compress.prune.latency_table import LatencyTable, agreement
+from compress.training.default_model import resolve_model
+from compress.training.train import TrainConfig, evaluate, fit
+from eval.evaluate import evaluate_onnx
+from eval.latency import measure_interleaved
+from eval.report import run_header, write_run_report
+from recipes.loader import Recipe, load_recipe
+
+__all__ = ["prune", "holdout_split", "propose", "select", "DEFAULT_OUTPUT_DIR"]
+
+DEFAULT_OUTPUT_DIR = "runs/prune-netadapt"
+CANDIDATE_DEPTH = 6  # cuts per group whose units are timed up front in one batch
+MEASURE_ROUNDS = 5  # interleaved rounds (seed vs current) after every iteration
+FINAL_ROUNDS = 10  # interleaved rounds of the final measurement
+
+
+# -- data: fine-tune pool and holdout, both from the TRAIN split --------------------------------------------
+
+def holdout_split(n_train: int, holdout: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded permutation of the train split: its first ``holdout`` images score proposals, the rest
+    fine-tune them (in permutation order: the fine-tunes walk through the pool)."""
+    if holdout >= n_train:
+        raise UserError(f"eval_images = {holdout} leaves no training images (the train split has {n_train})")
+    held, pool = partition(n_train, [holdout, None], seed, sort=False)
+    return held, pool
+
+
+def _subsource(source: DataSource, train_idx: np.ndarray, holdout_idx: np.ndarray) -> DataSource:
+    """``source`` whose "train" split is ``train_idx`` and whose "test" split is the holdout (both TRAIN)."""
+    return source.resplit(train=train_idx, test=holdout_idx, of="train")
+
+
+def _finetune(model: MobileNetV3, source: DataSource, pool: np.ndarray, holdout: np.ndarray, steps: int,
+              batch_size: int, lr: float, offset: int, seed: int) -> dict[str, float]:
+    """``steps`` AdamW steps (cosine decay) on pool images from ``offset`` on; holdout top-1 and loss."""
+    if steps <= 0:
+        r = evaluate(model, _subsource(source, pool[:1], holdout))
+        return {"top1": r["top1"], "loss": r["loss"]}
+    take = np.take(pool, np.arange(offset, offset + steps * batch_size), mode="wrap")
+    cfg = TrainConfig(epochs=1, batch_size=batch_size, lr=lr, schedule="cosine", seed=seed)
+    res = fit(model, _subsource(source, take, holdout), cfg, progress=False)
+    model.eval()
+    return {"top1": res["final"]["test_top1"], "loss": res["final"]["test_loss"]}
+
+
+# -- proposals and selection ------------------------------------------------------------------------------
+
+def _candidates(spec: ArchSpec, group: ChannelGroup):
+    """(channels, spec) for every cut of ``group`` in steps of 8 that keeps the block structure."""
+    for k in range(group.channels - DIVISOR, DIVISOR - 1, -DIVISOR):
+        new = pruned_spec(spec, {group.name: k})
+        if not structure_problems(spec, new):
+            yield k, new
+
+
+def propose(spec: ArchSpec, table: LatencyTable, delta_ms: float) -> list[dict[str, Any]]:
+    """One proposal per group: the smallest cut whose predicted latency is at least ``delta_ms`` lower."""
+    groups = channel_groups(spec)
+    first = [s for g in groups for _, s in list(_candidates(spec, g))[:CANDIDATE_DEPTH]]
+    table.measure(table.missing(first))  # time the likely units in one batch
+    base = table.predict(spec)
+    out = []
+    for g in groups:
+        for k, new in _candidates(spec, g):
+            pred = table.predict(new)
+            if base - pred >= delta_ms:
+                out.append({"group": g.name, "kind": g.kind, "channels": [g.channels, k], "spec": new,
+                            "predicted_ms": pred, "saved_ms": base - pred})
+                break
+    return out
+
+
+def select(proposals: list[dict[str, Any]], rule: str, reference_top1: float) -> int:
+    """Index of the kept proposal: max ``(top1 - reference) / saved`` ("ratio") or max top1 ("min_drop");
+    ties go to the lower holdout loss."""
+    if not proposals:
+        raise ValueError("no proposals to select from")
+    if rule == "ratio":
+        key = [((p["top1"] - reference_top1) / p["saved_ms"], -p["loss"]) for p in proposals]
+    elif rule == "min_drop":
+        key = [(p["top1"], -p["loss"]) for p in proposals]
+    else:
+        raise UserError(f"selection must be 'ratio' or 'min_drop', got {rule!r}")
+    return max(range(len(proposals)), key=lambda i: key[i])
+
+
+# -- the loop ---------------------------------------------------------------------------------------------
+
+def _onnx_bytes(model: MobileNetV3, size: tuple[int, int]) -> bytes:
+    return to_onnx(model, size).SerializeToString()
+
+
+def _measure_pair(seed_bytes: bytes, cur_bytes: bytes, threads: int, batch: int
+                  ) -> tuple[dict[str, Any], dict[str, Any]]:
+    r = measure_interleaved({"seed": seed_bytes, "current": cur_bytes}, threads=threads, batch=batch,
+                            rounds=MEASURE_ROUNDS, round_time_s=0.1)
+    return r["seed"], r["current"]
+
+
+def _summary(g: dict[str, Any]) -> dict[str, Any]:
+    return {k: (round(v, 5) if isinstance(v, float) else v) for k, v in g.items() if k not in ("spec", "model")}
+
+
+def prune(recipe: Any = "netadapt", weights: str | os.PathLike | None = None, arch: str | None = None,
+          dataset: str = "fashion-mnist", input_size: int | None = None,
+          output_dir: str | os.PathLike | None = None, eval_limit: int | None = None,
+          progress: bool = True, **overrides: Any) -> dict[str, Any]:
+    """Run NetAdapt with ``recipe``'s ``[prune]`` section on a trained float model and write the outputs.
+
+    ``weights=None`` uses the embedded default.  ``overrides`` replace ``[prune]`` keys (e.g.
+    ``target_latency_ratio=0.8``).  ``eval_limit`` caps the final test-split evaluation (all when None).
+    Returns the report (``report.json``'s content) plus ``output_dir``.
+    """
+    t_start = time.time()
+    rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    if overrides:
+        rec = rec.with_overrides("prune", **overrides)
+    cfg = rec.prune
+    out = ensure_dir(output_dir or DEFAULT_OUTPUT_DIR)
+    old_threads = torch.get_num_threads()
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    try:
+        loaded, source = resolve_model(weights, arch, dataset=dataset, input_size=input_size, progress=progress)
+        if not source.has_labels:
+            raise UserError("pruning needs labelled data for its fine-tunes: use fashion-mnist or imagefolder:PATH")
+        search = _Search(rec, loaded.model.eval(), source, progress)
+        search.run()
+        final_history = search.final_finetune()
+        run = _Run(rec, loaded, source, out, eval_limit, weights, progress, t_start)
+        return run.finish(search, final_history)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+class _Search:
+    """NetAdapt's loop on one seed model: proposals, short fine-tunes, selection, measured latency."""
+
+    def __init__(self, rec: Recipe, seed_model: MobileNetV3, source: DataSource, progress: bool) -> None:
+        self.rec, self.cfg, self.seed_model, self.source, self.progress = rec, rec.prune, seed_model, source, progress
+        self.size = source.preprocess.input_size
+        self.holdout, self.pool = holdout_split(len(source.split("train")), self.cfg.eval_images, self.cfg.seed)
+        self.timings: dict[str, float] = {}
+        self.stop = "max_iterations"
+        t = time.time()
+        cfg = self.cfg
+        self.table = LatencyTable(self.size[0], cfg.threads, cfg.batch, progress=progress)
+        self.seed_bytes = _onnx_bytes(seed_model, self.size)
+        seed_lat, _ = _measure_pair(self.seed_bytes, self.seed_bytes, cfg.threads, cfg.batch)
+        self.seed_pred = self.table.predict(seed_model.spec)
+        self.delta_ms = cfg.delta_ratio * self.seed_pred
+        seed_acc = _finetune(seed_model, source, self.pool, self.holdout, 0, cfg.batch_size, cfg.lr, 0, cfg.seed)
+        self.timings["setup_s"] = time.time() - t
+        self.current, self.cur_acc = seed_model, seed_acc
+        self.trajectory = [{"iteration": 0, "proposal": None, "spec": seed_model.spec.to_dict(),
+                            "latency_ms": seed_lat, "latency_ratio": 1.0, "predicted_ms": round(self.seed_pred, 5),
+                            "top1": seed_acc["top1"], "holdout_loss": seed_acc["loss"],
+                            "params": count_params(seed_model), "seconds": round(self.timings["setup_s"], 1)}]
+        if progress:
+            tqdm.write(f"seed: {seed_lat['median']:.4f} ms measured, {self.seed_pred:.4f} ms predicted "
+                       f"(delta {1000 * self.delta_ms:.2f} us), holdout top-1 {100 * seed_acc['top1']:.2f}%")
+
+    def run(self) -> None:
+        """Iterate until the measured AND predicted latency reach the target (or nothing can be cut)."""
+        cfg = self.cfg
+        t_search = time.time()
+        ratio = pred_ratio = 1.0
+        bar = tqdm(total=cfg.max_iterations, desc="netadapt", disable=not self.progress)
+        for it in range(1, cfg.max_iterations + 1):
+            if max(ratio, pred_ratio) <= cfg.target_latency_ratio:
+                self.stop = "target met"
+                break
+            step = self.iteration(it)
+            if step is None:
+                self.stop = "no proposal can cut delta further"
+                break
+            ratio, pred_ratio = step["latency_ratio"], step["predicted_ratio"]
+            bar.update(1)
+            bar.set_postfix(ratio=f"{ratio:.3f}", top1=f"{100 * self.cur_acc['top1']:.2f}", group=step["proposal"])
+        else:
+            if max(ratio, pred_ratio) <= cfg.target_latency_ratio:
+                self.stop = "target met"
+        bar.close()
+        self.timings["search_s"] = time.time() - t_search
+
+    def iteration(self, it: int) -> dict[str, Any] | None:
+        """One NetAdapt iteration: propose, fine-tune each proposal, keep one, measure it (None: no proposal)."""
+        cfg, t_it = self.cfg, time.time()
+        proposals = propose(self.current.spec, self.table, self.delta_ms)
+        if not proposals:
+            return None
+        offset = (it - 1) * cfg.finetune_steps * cfg.batch_size
+        for p in tqdm(proposals, desc=f"iteration {it} proposals", leave=False, disable=not self.progress):
+            group = next(g for g in channel_groups(self.current.spec) if g.name == p["group"])
+            p["model"] = shrink_group(self.current, group, p["channels"][1], cfg.importance)
+            p.update(_finetune(p["model"], self.source, self.pool, self.holdout, cfg.finetune_steps, cfg.batch_size,
+                               cfg.lr, offset, cfg.seed + it))
+        chosen = proposals[select(proposals, cfg.selection, self.cur_acc["top1"])]
+        self.current, self.cur_acc = chosen["model"], {"top1": chosen["top1"], "loss": chosen["loss"]}
+        seed_lat_it, cur_lat = _measure_pair(self.seed_bytes, _onnx_bytes(self.current, self.size), cfg.threads,
+                                             cfg.batch)
+        ratio = cur_lat["median"] / seed_lat_it["median"]
+        pred_ratio = chosen["predicted_ms"] / self.seed_pred
+        step = {
+            "iteration": it, "proposal": chosen["group"], "channels": chosen["channels"],
+            "spec": self.current.spec.to_dict(), "latency_ms": cur_lat, "seed_latency_ms": seed_lat_it["median"],
+            "latency_ratio": round(ratio, 4), "predicted_ratio": round(pred_ratio, 4),
+            "predicted_ms": round(chosen["predicted_ms"], 5), "top1": chosen["top1"], "holdout_loss": chosen["loss"],
+            "params": count_params(self.current), "proposals": [_summary(p) for p in proposals],
+            "seconds": round(time.time() - t_it, 1)}
+        self.trajectory.append(step)
+        if self.progress:
+            tqdm.write(f"iteration {it}: {chosen['group']} {chosen['channels'][0]}->{chosen['channels'][1]}, "
+                       f"latency {cur_lat['median']:.4f} ms ({ratio:.3f}x seed measured, {pred_ratio:.3f}x "
+                       f"predicted), holdout top-1 {100 * chosen['top1']:.2f}% ({len(proposals)} proposals, "
+                       f"{time.time() - t_it:.0f}s)")
+        # the loop's stop test uses the unrounded ratios
+        return {**step, "latency_ratio": ratio, "predicted_ratio": pred_ratio}
+
+    def final_finetune(self) -> list[dict[str, Any]]:
+        """The long fine-tune: all non-holdout train images, holdout accuracy per epoch."""
+        cfg, t = self.cfg, time.time()
+        history: list[dict[str, Any]] = []
+        if cfg.final_finetune_epochs > 0 and self.current is not self.seed_model:
+            tc = TrainConfig(epochs=cfg.final_finetune_epochs, batch_size=cfg.batch_size, lr=cfg.final_lr,
+                             schedule="onecycle", seed=cfg.seed)
+            if self.progress:
+                tqdm.write(f"final fine-tune: {cfg.final_finetune_epochs} epoch(s) on {len(self.pool)} train images "
+                           f"('test top-1' below is the {len(self.holdout)}-image TRAIN holdout)")
+            res = fit(self.current, _subsource(self.source, self.pool, self.holdout), tc, progress=self.progress,
+                      eval_name="holdout")
+            history = res["history"]
+        self.current.eval()
+        self.timings["final_finetune_s"] = time.time() - t
+        return history
+
+
+class _Run:
+    """The outputs of one prune run: the models, their test-split evaluation, one interleaved latency run and the
+    report (the search's trajectory, the latency table's accuracy, the final fine-tune)."""
+
+    def __init__(self, rec: Recipe, loaded, source: DataSource, out: Path, eval_limit, weights, progress: bool,
+                 t_start: float) -> None:
+        self.rec, self.cfg, self.loaded, self.source, self.out = rec, rec.prune, loaded, source, out
+        self.eval_limit, self.weights, self.progress, self.t_start = eval_limit, weights, progress, t_start
+        self.size = source.preprocess.input_size
+
+    def write_models(self, seed_model: MobileNetV3, pruned: MobileNetV3, stop: str) -> dict[str, bytes]:
+        src, out, w = self.source, self.out, self.weights
+        meta = {"dataset": src.name, "input_size": self.size[0], "preprocess": src.preprocess.to_json()}
+        export_onnx(seed_model, out / "reference_fp32.onnx", src.preprocess, recipe="fp32",
+                    extra_meta={"dataset": src.name, "weights": str(w) if w else "default"})
+        export_onnx(pruned, out / "model_fp32.onnx", src.preprocess, recipe=f"{self.rec.name}:fp32",
+                    extra_meta={"dataset": src.name, "pruned_from": str(w) if w else "default"})
+        save_arch(out / "arch.json", pruned.spec)
+        save_checkpoint(out / "model.pt", pruned, **meta, netadapt={"recipe": self.rec.name, "stop": stop})
+        write_text(out / "recipe.toml", self.rec.to_toml())
+        return {"fp32": (out / "reference_fp32.onnx").read_bytes(),
+                "netadapt-fp32": (out / "model_fp32.onnx").read_bytes()}
+
+    def quantize_pruned(self) -> tuple[dict[str, Any], dict[str, Any], bytes]:
+        """netadapt-int8: the recipe's [quantize] / [calibration] applied to the pruned checkpoint (int8/)."""
+        from compress.quant.pipeline import quantize
+
+        q = quantize(self.rec, weights=self.out / "model.pt", dataset=self.source.name, input_size=self.size[0],
+                     output_dir=self.out / "int8", eval_limit=self.eval_limit, threads=self.cfg.threads,
+                     latency=False, progress=self.progress)
+        qv = next(v for v in q["variants"] if v["name"] == "int8")
+        variant = {**qv, "name": "netadapt-int8", "file": "int8/model_int8.onnx", "recipe": self.rec.name}
+        quantized = {"report": "int8/report.json", "checks": q.get("checks"), "quantization": q.get("quantization")}
+        return variant, quantized, (self.out / "int8" / "model_int8.onnx").read_bytes()
+
+    def finish(self, search: _Search, final_history: list[dict[str, Any]]) -> dict[str, Any]:
+        seed_model, pruned, cfg, src = search.seed_model, search.current, self.cfg, self.source
+        models = self.write_models(seed_model, pruned, search.stop)
+        ev_ref = evaluate_onnx(models["fp32"], dataset=src, limit=self.eval_limit, threads=cfg.threads, latency=False)
+        ev_pruned = evaluate_onnx(models["netadapt-fp32"], dataset=src, limit=self.eval_limit, threads=cfg.threads,
+                                  reference=models["fp32"], latency=False)
+        variants = [{"name": "fp32", "file": "reference_fp32.onnx", "is_reference": True, **ev_ref},
+                    {"name": "netadapt-fp32", "file": "model_fp32.onnx", "is_reference": False,
+                     "recipe": self.rec.name, **ev_pruned}]
+        quantized = None
+        if cfg.quantize_after:
+            variant, quantized, models["netadapt-int8"] = self.quantize_pruned()
+            variants.append(variant)
+        lat = measure_interleaved(models, threads=cfg.threads, batch=cfg.batch, rounds=FINAL_ROUNDS)
+        for v in variants:
+            v["latency_ms"] = lat[v["name"]]
+        search.timings["total"] = time.time() - self.t_start
+        extra = self.report(search, final_history, lat, ev_ref, ev_pruned, quantized)
+        write_run_report(self.out, variants, extra)
+        return {"variants": variants, **extra, "output_dir": str(self.out)}
+
+    def report(self, search: _Search, final_history, lat, ev_ref, ev_pruned, quantized) -> dict[str, Any]:
+        cfg, table, seed_model, pruned, trajectory = self.cfg, search.table, search.seed_model, search.current, \
+            search.trajectory
+        # how the latency table's predictions compare with whole-network measurements
+        pred = [table.predict(ArchSpec.from_dict(p["spec"])) for p in trajectory]
+        meas = [p["latency_ms"]["median"] for p in trajectory]
+        lut = {"path": str(table.path), "units": len(table.entries), "measured_this_run": table.measured_here,
+               "base_ms": round(table.base, 5), "trajectory": agreement(pred, meas),
+               "final": {"predicted_ms": round(table.predict(pruned.spec), 5),
+                         "measured_ms": lat["netadapt-fp32"]["median"],
+                         "seed_predicted_ms": round(table.predict(seed_model.spec), 5),
+                         "seed_measured_ms": lat["fp32"]["median"]},
+               "breakdown_seed_ms": dict(table.breakdown(seed_model.spec)),
+               "breakdown_pruned_ms": dict(table.breakdown(pruned.spec))}
+        ref_top1, p_top1 = ev_ref["accuracy"]["top1"], ev_pruned["accuracy"]["top1"]
+        speedup = lat["fp32"]["median"] / lat["netadapt-fp32"]["median"]
+        return {
+            **run_header("prune", self.rec, seed_model.spec, self.weights, self.loaded.source, self.size,
+                         self.source.name),
+            "outputs": {"pruned_onnx": "model_fp32.onnx", "reference_onnx": "reference_fp32.onnx",
+                        "architecture": "arch.json", "checkpoint": "model.pt"},
+            "deployment": {"threads": cfg.threads, "batch": cfg.batch, "runtime": "onnxruntime CPU"},
+            "summary": {"speedup": round(speedup, 4), "latency_ratio": round(1 / speedup, 4),
+                        "top1_reference": ref_top1, "top1_pruned": p_top1,
+                        "top1_drop_pt": None if ref_top1 is None or p_top1 is None
+                        else round(100 * (ref_top1 - p_top1), 3),
+                        "params_reference": count_params(seed_model), "params_pruned": count_params(pruned),
+                        "iterations": len(trajectory) - 1, "stop": search.stop},
+            "evaluation": {"split": "test", "images": self.eval_limit or len(self.source.split("test")),
+                           "search_holdout": f"{cfg.eval_images} TRAIN images (seeded permutation, seed {cfg.seed})"},
+            "netadapt": {"trajectory_top1": "holdout TRAIN images (the variants' top-1 is the test split)",
+                         "selection": cfg.selection, "importance": cfg.importance, "delta_ratio": cfg.delta_ratio,
+                         "delta_ms": round(cfg.delta_ratio * pred[0], 5),
+                         "target_latency_ratio": cfg.target_latency_ratio, "finetune_steps": cfg.finetune_steps,
+                         "final_finetune": final_history},
+            "architecture": {"reference": _channels(seed_model.spec), "pruned": _channels(pruned.spec)},
+            "latency_table": lut,
+            "trajectory": trajectory,
+            "quantized": quantized,
+            "timings_s": {k: round(v, 2) for k, v in search.timings.items()},
+        }
+
+
+def _channels(spec: ArchSpec) -> dict[str, Any]:
+    return {"stem": spec.stem_channels, "blocks": [[b.in_ch, b.expanded, b.out_ch, b.se_channels] for b in spec.blocks],
+            "last_conv": spec.last_conv, "last_channel": spec.last_channel}

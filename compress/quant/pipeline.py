@@ -1,0 +1,290 @@
+"""``mnv3-compress quantize``: a recipe applied to a float model, end to end, with its evidence.
+
+1. load the model (``--weights``) or the embedded default; export fp32 ONNX (:func:`compress.onnx.export.export_onnx`)
+   and shape it for int8 (:func:`compress.quant.core.prepare_float`);
+2. run the recipe's strategy, picked from :data:`STRATEGIES` by ``Recipe.strategy``: plain PTQ (calibrate +
+   quantize), accuracy-driven tuning (:mod:`compress.quant.tuning`), latency-aware mixed precision
+   (:mod:`compress.quant.mixed_precision`) or QAT (:mod:`compress.quant.qat`, exported by
+   :mod:`compress.quant.qat_export`);
+3. check the int8 graph (:func:`compress.quant.checks.int8_checks`);
+4. evaluate fp32 and int8 with :func:`eval.evaluate.evaluate_onnx` (latencies interleaved in one measurement)
+   and write ``model_fp32.onnx``, ``model_int8.onnx``, ``recipe.toml``, ``report.json``, ``report.md`` (and
+   each strategy's own files) atomically into the output directory.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+
+from calibration.reader import TrainSplitReader
+from compress.errors import UserError
+from compress.io import ensure_dir, write_bytes, write_text
+from compress.onnx.export import export_onnx
+from compress.onnx.metadata import get_metadata, set_metadata
+from compress.quant.checks import int8_checks
+from compress.quant.core import QuantizedGraph, calibrate, prepare_float, quantize_prepared
+from compress.quant.cpu import cpu_int8_info, resolve_reduce_range
+from compress.training.default_model import resolve_model
+from compress.training.distributed import DistContext, choose_device, launched_by_torchrun
+from eval.evaluate import evaluate_onnx
+from eval.latency import measure_interleaved
+from eval.report import run_header, write_run_report
+from recipes.loader import Recipe, load_recipe
+
+__all__ = ["quantize", "STRATEGIES", "Setup", "Outcome", "DEFAULT_OUTPUT_DIR"]
+
+DEFAULT_OUTPUT_DIR = "runs/quantize"
+
+
+@dataclass
+class Setup:
+    """What every strategy starts from: the recipe, the float model and its shaped graph, the data."""
+    recipe: Recipe
+    model: Any  # the float MobileNetV3
+    source: Any  # calibration.datasets.DataSource
+    prepared_path: Path  # the shaped float graph that calibration and quantization read
+    reader: TrainSplitReader
+    workdir: str
+    out: Path
+    cpu: dict[str, Any]
+    threads: int
+    progress: bool
+    device: DistContext
+
+
+@dataclass
+class Outcome:
+    """What a strategy hands back: the int8 graph and what the report says about how it was made."""
+    graph: QuantizedGraph
+    calibration_method: str
+    checked_against: onnx.ModelProto | None = None  # the float graph the int8 one must keep whole (None: prepared)
+    calibration_used_by: str | None = None  # set when the calibration data served only a baseline
+    sections: dict[str, Any] = field(default_factory=dict)  # report keys (tuning, mixed_precision)
+    files: dict[str, str] = field(default_factory=dict)  # extra text outputs (name -> content)
+    baseline: QuantizedGraph | None = None  # QAT: the calibrated int8-ptq model with the same settings
+    # QAT: (int8 ONNX bytes, eval limit) -> the "qat" report section, once the int8 model exists
+    finish: Callable[[bytes, int | None], dict[str, Any]] | None = None
+    timings: dict[str, float] = field(default_factory=dict)  # the strategy's own stages (seconds)
+
+
+def _ptq(s: Setup) -> Outcome:
+    ranges = calibrate(s.prepared_path, s.reader, s.recipe.calibration, s.workdir, progress=s.progress)
+    return Outcome(quantize_prepared(s.prepared_path, ranges, s.recipe, s.workdir, cpu=s.cpu),
+                   s.recipe.calibration.method)
+
+
+def _mixed_precision(s: Setup) -> Outcome:
+    from compress.quant.mixed_precision import plan_for_recipe, render_plan
+
+    ranges = calibrate(s.prepared_path, s.reader, s.recipe.calibration, s.workdir, progress=s.progress)
+    mixed = plan_for_recipe(s.prepared_path, ranges, s.recipe, s.source, s.workdir, cpu=s.cpu, threads=s.threads)
+    graph = quantize_prepared(s.prepared_path, ranges, s.recipe, s.workdir, cpu=s.cpu,
+                              extra_excluded=mixed.nodes_to_exclude)
+    return Outcome(graph, s.recipe.calibration.method, sections={"mixed_precision": mixed.report},
+                   files={"mixed_precision.md": render_plan(mixed.report)})
+
+
+def _tuning(s: Setup) -> Outcome:
+    from compress.quant.tuning import tune
+
+    result = tune(s.prepared_path, s.reader, s.source, s.recipe, s.workdir, cpu=s.cpu, progress=s.progress)
+    return Outcome(result.graph, result.recipe.calibration.method, sections={"tuning": result.report},
+                   files={"recipe_tuned.toml": result.recipe.to_toml()})
+
+
+def _qat(s: Setup) -> Outcome:
+    from compress.quant.qat_export import export_qat
+    from compress.quant.qat_train import QAT_CHECKPOINT, qat_fingerprint, run_qat
+
+    t0 = time.time()
+    rec, size = s.recipe, s.source.preprocess.input_size
+    reduce_range, _ = resolve_reduce_range(rec.quantize.reduce_range, s.cpu)
+    fingerprint = qat_fingerprint(s.model, rec.quantize, rec.qat, reduce_range,
+                                  data=f"{s.source.name}@{size[0]}x{size[1]}")
+    qat = run_qat(s.model, s.source, rec.quantize, rec.qat, s.out / QAT_CHECKPOINT, fingerprint, reduce_range,
+                  s.progress, dist=s.device)
+    train_s = time.time() - t0
+    graph, qat_prepared = export_qat(qat.model, rec, s.workdir, s.source.preprocess, cpu=s.cpu)
+    baseline = None
+    if rec.qat.compare_ptq:  # the PTQ baseline: the same [quantize] settings, calibrated
+        ranges = calibrate(s.prepared_path, s.reader, rec.calibration, s.workdir, progress=s.progress)
+        baseline = quantize_prepared(s.prepared_path, ranges, rec, s.workdir, cpu=s.cpu)
+
+    def finish(int8_bytes: bytes, limit: int | None) -> dict[str, Any]:
+        from compress.quant.qat_export import fake_quant_logits
+        from eval.accuracy import agreement, predict, topk_accuracy
+
+        fq_logits, labels = fake_quant_logits(qat.model, s.source, limit)
+        onnx_logits, _ = predict(int8_bytes, s.source, limit=limit)
+        report = {**qat.report, "fake_quant_top1": topk_accuracy(fq_logits, labels, (1,))["top1"],
+                  "onnx_vs_fake_quant_agreement": agreement(fq_logits, onnx_logits),
+                  "onnx_vs_fake_quant_max_abs_logit_diff": float(np.abs(fq_logits - onnx_logits).max()),
+                  "checkpoint": QAT_CHECKPOINT}
+        if report["onnx_vs_fake_quant_agreement"] < rec.qat.min_onnx_agreement:
+            raise UserError(f"the exported int8 ONNX agrees with the fake-quant model on only "
+                            f"{report['onnx_vs_fake_quant_agreement']:.2%} of test images (recipe "
+                            f"requires {rec.qat.min_onnx_agreement:.0%}): the export does not reproduce QAT")
+        return report
+
+    return Outcome(graph, "none (QAT scales)", checked_against=onnx.load(str(qat_prepared)),
+                   calibration_used_by=("the int8-ptq baseline only: the QAT model's own scales are exported"
+                                        if baseline is not None else None),
+                   baseline=baseline, finish=finish, timings={"qat_train_s": train_s})
+
+
+# the recipe's strategy (Recipe.strategy) -> how it makes the int8 graph
+STRATEGIES: dict[str, Callable[[Setup], Outcome]] = {
+    "ptq": _ptq, "tuning": _tuning, "mixed_precision": _mixed_precision, "qat": _qat}
+
+
+def _facts(rec: Recipe, outcome: Outcome) -> dict[str, Any]:
+    """How the int8 model was made: the report's ``quantization`` section and the model's metadata."""
+    q, g = rec.quantize, outcome.graph
+    return {
+        "format": q.format, "weights": "int8 per-channel symmetric" if q.per_channel else "int8 per-tensor symmetric",
+        "activations": q.activation_type, "reduce_range": g.reduce_range, "reduce_range_reason": g.reduce_range_reason,
+        "hswish": q.hswish, "hard_sigmoid": q.hard_sigmoid, "fixed_qparam_tensors": len(g.fixed_qparams),
+        "folded_gate_scales": g.folded_gate_scales, "calibration_method": outcome.calibration_method,
+        "weight_bits": q.weight_bits, "nodes_excluded": g.excluded,
+    }
+
+
+def _int8_bytes(graph: QuantizedGraph, fp32: onnx.ModelProto, rec: Recipe, facts: dict[str, Any]) -> bytes:
+    meta: dict[str, Any] = dict(get_metadata(fp32))
+    meta.update({"recipe": rec.name, "quantization": facts})
+    model = set_metadata(graph.model, meta)
+    model.producer_name = "mnv3-compress"
+    return model.SerializeToString()
+
+
+def _evaluate(models: dict[str, bytes], source, eval_limit, threads: int, latency: bool) -> dict[str, dict]:
+    """Accuracy of every model on the test split (agreement with fp32), latencies in one interleaved run."""
+    out = {name: evaluate_onnx(data, dataset=source, limit=eval_limit, threads=threads, latency=False,
+                               reference=None if name == "fp32" else models["fp32"])
+           for name, data in models.items()}
+    if latency:
+        lat = measure_interleaved(models, threads=threads, batch=1)
+        for name in models:
+            out[name]["latency_ms"] = lat[name]
+    return out
+
+
+def quantize(recipe: str | os.PathLike | Recipe = "int8", weights: str | os.PathLike | None = None,
+             arch: str | None = None, dataset: str = "fashion-mnist", input_size: int | None = None,
+             calibration_size: int | None = None, output_dir: str | os.PathLike = DEFAULT_OUTPUT_DIR,
+             eval_limit: int | None = None, threads: int = 1, latency: bool = True,
+             progress: bool = True, device: str = "auto") -> dict[str, Any]:
+    """Apply ``recipe`` to a float model and write the deployable int8 model with its evidence.
+
+    ``weights=None`` uses the embedded default (MobileNetV3-Small trained on Fashion-MNIST).  Writes
+    ``model_fp32.onnx``, ``model_int8.onnx``, ``recipe.toml`` (the resolved recipe), ``report.json`` and
+    ``report.md`` into ``output_dir`` - each atomically, the report last.  Accuracy is measured on the first
+    ``eval_limit`` test images (all when None); latency with ``threads`` threads at batch 1, both variants
+    interleaved in one measurement.  ``device`` (auto / cpu / cuda) is where a QAT recipe trains; export and
+    evaluation run on the CPU.  Returns the report (``report.json``'s content).
+    """
+    t_start = time.time()
+    rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    if launched_by_torchrun():
+        raise UserError("quantize runs in one process (QAT included); launch it without torchrun "
+                        "(multi-process training: mnv3-compress train under torchrun)")
+    train_on = DistContext(device=choose_device(device))
+    if calibration_size is not None:
+        rec = rec.with_overrides("calibration", size=int(calibration_size))
+    out = ensure_dir(output_dir)
+    loaded, source = resolve_model(weights, arch, dataset=dataset, input_size=input_size, progress=progress)
+    size = source.preprocess.input_size
+    timings: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="mnv3-quantize.") as wd:
+        t = time.time()
+        fp32_path = Path(wd) / "model_fp32.onnx"
+        export_onnx(loaded.model, fp32_path, source.preprocess, recipe="fp32",
+                    extra_meta={"dataset": source.name, "weights": str(weights) if weights else "default"})
+        fp32 = onnx.load(str(fp32_path))
+        prepared_path = prepare_float(fp32, rec.quantize, wd)
+        timings["export_s"] = time.time() - t
+
+        t = time.time()
+        reader = TrainSplitReader(source, rec.calibration.size, rec.calibration.batch_size, rec.calibration.seed,
+                                  progress=progress)
+        setup = Setup(rec, loaded.model, source, prepared_path, reader, wd, out, cpu_int8_info(), threads, progress,
+                      train_on)
+        outcome = STRATEGIES[rec.strategy](setup)
+        timings.update(outcome.timings)
+        timings["quantize_s"] = time.time() - t
+        checks = int8_checks(outcome.graph.model, outcome.checked_against or onnx.load(str(prepared_path)),
+                             rec.quantize, size)
+        facts = _facts(rec, outcome)
+        models = {"fp32": fp32_path.read_bytes(), "int8": _int8_bytes(outcome.graph, fp32, rec, facts)}
+        if outcome.baseline is not None:
+            models["ptq"] = _int8_bytes(outcome.baseline, fp32, rec, {**facts, "calibration_method":
+                                                                      rec.calibration.method})
+        t = time.time()
+        evals = _evaluate(models, source, eval_limit, threads, latency)
+        qat_report = outcome.finish(models["int8"], eval_limit) if outcome.finish else None
+        timings["evaluate_s"] = time.time() - t
+
+    variants = _write_models(out, rec, models, evals, outcome)
+    ref_top1, q_top1 = evals["fp32"]["accuracy"]["top1"], evals["int8"]["accuracy"]["top1"]
+    calibration = {**reader.describe(), "method": outcome.calibration_method}
+    if outcome.calibration_used_by:
+        calibration = {**reader.describe(), "method": rec.calibration.method, "used_by": outcome.calibration_used_by}
+    elif outcome.finish is not None:
+        calibration = None  # QAT without a baseline: nothing was calibrated
+    extra = {
+        **run_header("quantize", rec, loaded.spec, weights, loaded.source, size, source.name),
+        "evaluation": {"split": "test", "images": eval_limit or len(source.split("test")),
+                       "top1_drop_pt": None if ref_top1 is None or q_top1 is None
+                       else round(100 * (ref_top1 - q_top1), 3)},
+        "calibration": calibration, "quantization": facts, "checks": checks, "cpu": setup.cpu,
+        "tuning": outcome.sections.get("tuning"), "qat": qat_report,
+        "mixed_precision": outcome.sections.get("mixed_precision"),
+        "timings_s": {k: round(v, 2) for k, v in timings.items()} | {"total": round(time.time() - t_start, 2)},
+    }
+    write_run_report(out, variants, extra, notes=_qat_notes(qat_report) if qat_report else ())
+    return {"variants": variants, **extra, "output_dir": str(out)}
+
+
+def _write_models(out: Path, rec: Recipe, models: dict[str, bytes], evals: dict[str, dict], outcome: Outcome
+                  ) -> list[dict[str, Any]]:
+    """The models, the resolved recipe and the strategy's own files; returns the report's variants."""
+    write_bytes(out / "model_fp32.onnx", models["fp32"])
+    write_bytes(out / "model_int8.onnx", models["int8"])
+    write_text(out / "recipe.toml", rec.to_toml())
+    if "ptq" in models:
+        write_bytes(out / "model_int8_ptq.onnx", models["ptq"])
+    for name, text in outcome.files.items():
+        write_text(out / name, text)
+    variants = [
+        {"name": "fp32", "file": "model_fp32.onnx", "is_reference": True, **evals["fp32"]},
+        {"name": "int8", "file": "model_int8.onnx", "is_reference": False, "recipe": rec.name, **evals["int8"]},
+    ]
+    if "ptq" in models:
+        variants.append({"name": "int8-ptq", "file": "model_int8_ptq.onnx", "is_reference": False,
+                         "recipe": f"{rec.name} without QAT (calibrated, {rec.calibration.method})", **evals["ptq"]})
+    return variants
+
+
+def _qat_notes(q: dict[str, Any]) -> list[str]:
+    """report.md's QAT section: training, freeze points, and how the export matches the fake-quant model."""
+    lines = ["", "## Quantization-aware training", "",
+             f"{q['epochs']} epoch(s) from the float model"
+             + (" (a finished checkpoint, reused: no training in this run)" if q["resumed_from_epoch"] >= q["epochs"]
+                else f", resumed from epoch {q['resumed_from_epoch']}" if q["resumed_from_epoch"] else "")
+             + f"; {q['activation_sites']} activation and {q['weight_sites']} weight fake quantizers "
+               f"({q['machinery']}). Freeze points: {'; '.join(q['freeze_events']) or 'restored from the checkpoint'}.",
+             "", "| epoch | train loss | fake-quant test top-1 | seconds |", "|---:|---:|---:|---:|"]
+    lines += [f"| {h['epoch']} | {h['train_loss']:.4f} | {100 * h['test_top1']:.2f} % | {h['seconds']:.0f} |"
+              for h in q["history"]]
+    lines += ["", f"Exported with the QAT model's own scales and zero points (no calibration): the fake-quant torch "
+                  f"model scores {100 * q['fake_quant_top1']:.2f} % and the int8 ONNX predicts the same class on "
+                  f"{100 * q['onnx_vs_fake_quant_agreement']:.2f} % of the evaluated test images (max abs logit "
+                  f"difference {q['onnx_vs_fake_quant_max_abs_logit_diff']:.3f}). Checkpoint: `{q['checkpoint']}`."]
+    return lines

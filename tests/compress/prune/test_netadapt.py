@@ -1,0 +1,156 @@
+"""NetAdapt: holdout from the train split, proposals that cut at least delta, the two selection rules, and a
+tiny end-to-end run whose outputs rebuild the pruned network from its architecture JSON."""
+import gzip
+import json
+import struct
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from compress.models.mobilenetv3 import ArchSpec, arch_spec
+from compress.prune.channels import channel_groups, pruned_spec, structure_problems
+from compress.prune.netadapt import holdout_split, propose, select
+
+
+def test_holdout_and_finetune_pool_partition_the_train_split():
+    hold, pool = holdout_split(1000, 100, seed=3)
+    assert len(hold) == 100 and len(pool) == 900
+    assert sorted(np.concatenate([hold, pool]).tolist()) == list(range(1000))
+    again, _ = holdout_split(1000, 100, seed=3)
+    assert np.array_equal(hold, again)
+
+
+class FakeTable:
+    """Latency = sum of channel counts (as if every channel cost the same): deterministic, no timing."""
+
+    def measure(self, units):
+        pass
+
+    def missing(self, specs):
+        return []
+
+    def predict(self, spec: ArchSpec) -> float:
+        return float(sum(b.expanded + b.out_ch for b in spec.blocks) + spec.stem_channels + spec.last_conv
+                     + spec.last_channel)
+
+
+def test_each_proposal_is_the_smallest_cut_saving_delta():
+    spec = arch_spec("mobilenet_v3_small", num_classes=10)
+    table = FakeTable()
+    base = table.predict(spec)
+    proposals = propose(spec, table, delta_ms=20.0)
+    names = {g.name for g in channel_groups(spec)}
+    assert proposals and {p["group"] for p in proposals} <= names
+    for p in proposals:
+        before, after = p["channels"]
+        assert after % 8 == 0 and after >= 8 and after < before
+        assert p["saved_ms"] == pytest.approx(base - table.predict(p["spec"])) and p["saved_ms"] >= 20.0
+        assert not structure_problems(spec, p["spec"])
+        # one step of 8 channels less would not have saved delta (or would break the structure)
+        if after + 8 < before:
+            s = pruned_spec(spec, {p["group"]: after + 8})
+            assert structure_problems(spec, s) or base - table.predict(s) < 20.0
+    # the hidden classifier (1024, one slot) needs 3 steps of 8 to save 20
+    hidden = next(p for p in proposals if p["group"] == "hidden:classifier.0")
+    assert hidden["channels"] == [1024, 1000]
+
+
+def test_selection_rules_differ():
+    proposals = [{"top1": 0.90, "loss": 0.3, "saved_ms": 1.0},  # drops 1 pt for 1 ms
+                 {"top1": 0.88, "loss": 0.4, "saved_ms": 4.0}]  # drops 3 pt for 4 ms: better per ms
+    assert select(proposals, "ratio", reference_top1=0.91) == 1
+    assert select(proposals, "min_drop", reference_top1=0.91) == 0
+    tie = [{"top1": 0.9, "loss": 0.5, "saved_ms": 1.0}, {"top1": 0.9, "loss": 0.4, "saved_ms": 1.0}]
+    assert select(tie, "min_drop", 0.9) == 1  # lower holdout loss breaks the tie
+
+
+def _fake_fashion_mnist(root, n_train=600, n_test=200):
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        imgs = (rng.integers(0, 60, (n, 28, 28)) + labels[:, None, None] * 19).astype(np.uint8)  # learnable
+        with gzip.open(root / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">HBB", 0, 8, 3) + struct.pack(">III", n, 28, 28) + imgs.tobytes())
+        with gzip.open(root / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">HBB", 0, 8, 1) + struct.pack(">I", n) + labels.tobytes())
+
+
+def test_tiny_end_to_end_run(tmp_path, monkeypatch):
+    import compress.prune.netadapt as na
+    from compress.models.checkpoint import load_model, save_checkpoint
+    from compress.models.mobilenetv3 import MobileNetV3
+    from compress.prune.channels import rebuild
+    from compress.prune.latency_table import LatencyTable
+
+    data = tmp_path / "fmnist"
+    data.mkdir()
+    _fake_fashion_mnist(data)
+    monkeypatch.setenv("MNV3_COMPRESS_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(na, "CANDIDATE_DEPTH", 2)
+    monkeypatch.setattr(na, "MEASURE_ROUNDS", 2)
+    monkeypatch.setattr(na, "FINAL_ROUNDS", 2)
+
+    class QuickTable(LatencyTable):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **{**k, "rounds": 1, "round_time_s": 0.002})
+
+    monkeypatch.setattr(na, "LatencyTable", QuickTable)
+    torch.manual_seed(0)
+    seed = MobileNetV3(arch_spec("mobilenet_v3_small", width_mult=0.5, num_classes=10))
+    save_checkpoint(tmp_path / "seed.pt", seed, dataset="fashion-mnist", input_size=16)
+    r = na.prune("netadapt", weights=str(tmp_path / "seed.pt"), dataset=f"fashion-mnist:{data}", input_size=16,
+                 output_dir=tmp_path / "out", eval_limit=100, progress=False, target_latency_ratio=0.9,
+                 finetune_steps=1, batch_size=16, eval_images=100, final_finetune_epochs=0, max_iterations=2)
+    out = tmp_path / "out"
+    for name in ("model_fp32.onnx", "reference_fp32.onnx", "arch.json", "model.pt", "recipe.toml", "report.json",
+                 "report.md"):
+        assert (out / name).is_file(), name
+    report = json.loads((out / "report.json").read_text())
+    traj = report["trajectory"]
+    assert 2 <= len(traj) <= 3 and traj[0]["iteration"] == 0 and traj[0]["proposal"] is None
+    for p in traj[1:]:
+        assert p["proposal"] and p["latency_ms"]["median"] > 0 and 0 <= p["top1"] <= 1 and p["proposals"]
+    assert [v["name"] for v in report["variants"]] == ["fp32", "netadapt-fp32"]
+    assert report["variants"][0]["is_reference"] and report["variants"][1]["params"] < report["variants"][0]["params"]
+    assert report["latency_table"]["trajectory"]["networks"] == len(traj)
+    assert report["summary"]["params_pruned"] < report["summary"]["params_reference"]
+    # the pruned network, rebuilt from arch.json + the checkpoint's weights, is what model_fp32.onnx computes
+    ckpt = load_model(out / "model.pt")
+    rebuilt = rebuild(out / "arch.json", ckpt.model.state_dict()).eval()
+    assert rebuilt.spec == ArchSpec.from_dict(traj[-1]["spec"]) == ckpt.spec
+    x = torch.randn(2, 3, 16, 16)
+    sess = ort.InferenceSession(str(out / "model_fp32.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        np.testing.assert_allclose(sess.run(None, {"input": x.numpy()})[0], rebuilt(x).numpy(), rtol=1e-4,
+                                   atol=1e-4)
+    assert r["output_dir"] == str(out)
+
+
+@pytest.mark.slow
+def test_netadapt_int8_quantizes_the_pruned_network(tmp_path, monkeypatch):
+    import compress.prune.netadapt as na
+    from compress.models.checkpoint import save_checkpoint
+    from compress.models.mobilenetv3 import MobileNetV3
+
+    data = tmp_path / "fmnist"
+    data.mkdir()
+    _fake_fashion_mnist(data)
+    monkeypatch.setenv("MNV3_COMPRESS_HOME", str(tmp_path / "home"))
+    for k, v in (("CANDIDATE_DEPTH", 2), ("MEASURE_ROUNDS", 2), ("FINAL_ROUNDS", 2)):
+        monkeypatch.setattr(na, k, v)
+    torch.manual_seed(0)
+    seed = MobileNetV3(arch_spec("mobilenet_v3_small", width_mult=0.5, num_classes=10))
+    save_checkpoint(tmp_path / "seed.pt", seed, dataset="fashion-mnist", input_size=16)
+    r = na.prune("netadapt-int8", weights=str(tmp_path / "seed.pt"), dataset=f"fashion-mnist:{data}",
+                 input_size=16, output_dir=tmp_path / "out", eval_limit=100, progress=False,
+                 target_latency_ratio=0.95, finetune_steps=1, batch_size=16, eval_images=100,
+                 final_finetune_epochs=0, max_iterations=1)
+    out = tmp_path / "out"
+    assert [v["name"] for v in r["variants"]] == ["fp32", "netadapt-fp32", "netadapt-int8"]
+    assert (out / "int8" / "model_int8.onnx").is_file() and (out / "int8" / "report.json").is_file()
+    int8 = json.loads((out / "int8" / "report.json").read_text())
+    # the int8 recipe ran on the pruned network, not on the unpruned one
+    assert int8["variants"][0]["params"] == r["summary"]["params_pruned"]
+    assert all(v["latency_ms"]["median"] > 0 for v in r["variants"])
