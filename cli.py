@@ -92,8 +92,8 @@ _DATASET_HELP = "fashion-mnist (default), fashion-mnist:DIR, imagefolder:PATH (P
 @click.option("--input-size", type=click.IntRange(8), default=None, help="Square input side (default: 32 for Fashion-MNIST, 224 otherwise).")
 @click.option("--epochs", type=click.IntRange(1), default=5, show_default=True, help="Total epochs (with --resume: the total to reach).")
 @click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True, help="Images per step and process (under torchrun the global batch is this x WORLD_SIZE).")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Peak learning rate (default: the recipe's).")
-@click.option("--schedule", type=click.Choice(["onecycle", "cosine"]), default="onecycle", show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=3e-3, show_default=True, help="Peak learning rate of AdamW.")
+@click.option("--schedule", type=click.Choice(["onecycle", "cosine"]), default="onecycle", show_default=True, help="Learning-rate schedule: one-cycle (warm-up, then decay) or cosine decay.")
 @click.option("--limit-train", type=click.IntRange(1), default=None, help="Use only the first N training images.")
 @click.option("--limit-test", type=click.IntRange(1), default=None, help="Evaluate on the first N test images only.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -112,8 +112,8 @@ def train(epochs, batch_size, lr, schedule, limit_train, limit_test, seed, sync_
     from compress.training.train import TrainConfig
     from compress.training.train import train as run_train
 
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, schedule=schedule, limit_train=limit_train,
-                      limit_test=limit_test, seed=seed, sync_bn=sync_bn, **({"lr": lr} if lr else {}))
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule, limit_train=limit_train,
+                      limit_test=limit_test, seed=seed, sync_bn=sync_bn)
     result = run_train(config=cfg, **kw)
     if result["rank"] != 0:  # under torchrun: rank 0 reports for all
         return
@@ -191,10 +191,12 @@ def quantize(recipe: str, arch, weights, dataset: str, input_size, calibration_s
     """Quantize a float model to int8 (QDQ ONNX) with a recipe, and measure both: accuracy, agreement, latency.
 
     Writes model_fp32.onnx, model_int8.onnx, recipe.toml (the resolved recipe), report.json and report.md.
-    QAT recipes (int8-qat, w4a8-qat) first fine-tune with fake quantization (progress bar, test top-1 per
-    epoch), checkpointing every epoch to OUTPUT_DIR/qat_checkpoint.pt: run the same command again to resume
-    an interrupted run (or to re-export a finished one without training).  They also write
-    model_int8_ptq.onnx, the calibrated baseline with the same settings.
+    Recipes: int8 (calibrated PTQ), int8-tuned (neural-compressor's accuracy-driven tuning; also writes
+    recipe_tuned.toml), int8-mixed (latency-aware per-layer int8 / fp32; also writes mixed_precision.md), and the
+    QAT recipes int8-qat, w4a8-qat and w4a8-per-tensor-qat, which first fine-tune with fake quantization
+    (progress bar, test top-1 per epoch), checkpointing every epoch to OUTPUT_DIR/qat_checkpoint.pt: run the
+    same command again to resume an interrupted run (or to re-export a finished one without training).  They
+    also write model_int8_ptq.onnx, the calibrated baseline with the same settings.
     """
     from pathlib import Path
 
@@ -223,13 +225,14 @@ def quantize(recipe: str, arch, weights, dataset: str, input_size, calibration_s
 # == recipes =======================================================================================
 @main.command()
 def recipes() -> None:
-    """List the built-in recipes (pass one by name, or a path to your own TOML file, to 'quantize --recipe')."""
+    """List the built-in recipes and the command that applies each (pass one by name, or a path to your own
+    TOML file, to that command's --recipe)."""
     from recipes.loader import list_recipes
 
     found = list_recipes()
     width = max((len(r.name) for r in found), default=0)
     for r in found:
-        click.echo(f"{r.name:<{width}}  {r.description}")
+        click.echo(f"{r.name:<{width}}  {r.command:<8}  {r.description}")
 
 
 # == prune =========================================================================================

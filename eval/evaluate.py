@@ -16,6 +16,7 @@ from eval.model_info import (
     metadata_preprocess,
     model_bytes,
     model_params,
+    network_macs,
     size_bytes,
 )
 
@@ -67,7 +68,9 @@ def evaluate_onnx(model: ModelLike, dataset: str | DataSource = "fashion-mnist",
     """Accuracy on the first ``limit`` test images, agreement with ``reference`` (share of equal top-1),
     latency at ``threads`` x ``batch``, size, params, MACs and the machine.
 
-    Returns exactly ``{accuracy: {top1, top5}, agreement, latency_ms, size_bytes, params, macs, machine}``;
+    Returns exactly ``{accuracy: {top1, top5}, agreement, latency_ms, size_bytes, params, macs, macs_executed,
+    machine}``: ``macs`` the network's (:func:`eval.model_info.network_macs`), ``macs_executed`` what its graph
+    runs (the same unless the graph was padded with zero channels for int8 kernels);
     accuracy values are None on unlabelled (synthetic) data, agreement None without a reference and
     latency_ms None when ``latency=False``.  Accuracy runs a large-batch session on every core; latency a
     fresh session with the requested settings.
@@ -94,6 +97,7 @@ def evaluate_onnx(model: ModelLike, dataset: str | DataSource = "fashion-mnist",
         "latency_ms": lat,
         "size_bytes": size_bytes(model),
         "params": model_params(proto),
-        "macs": count_macs(proto),
+        "macs": network_macs(proto),
+        "macs_executed": count_macs(proto),
         "machine": machine_info(),
     }

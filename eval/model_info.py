@@ -5,7 +5,10 @@ ConvInteger / QLinearConv), Gemm (and com.microsoft QGemm), MatMul (and MatMulIn
 ``output elements x reduction length`` multiply-accumulates.  That includes the squeeze-excitation FC layers (1x1
 convs on a 1x1 map) and the classifier; bias adds, activations, pooling, the SE gate multiply and residual adds
 are not MACs and are not counted.  A QDQ int8 model keeps its Conv/Gemm nodes (weights come through
-DequantizeLinear), so it counts the same MACs as its float source.
+DequantizeLinear), so it counts the same MACs as its float source - unless its graph was padded for int8
+kernels (the project's ``ort-x86`` graphs pad depthwise convs to 16 channels and the stem to 4 input channels,
+:mod:`compress.onnx.padding`): then :func:`count_macs` counts what the kernels execute, zero channels included,
+and the network's own MACs are recorded in the ``mnv3_compress.macs`` metadata (:func:`network_macs`).
 """
 from __future__ import annotations
 
@@ -296,6 +299,17 @@ def count_macs(onnx_model: ModelLike) -> int:
                 raise UserError(f"cannot count MACs: {op} node {node.name!r} has inputs of unknown shape")
             total += int(np.prod(y)) * a[-1]
     return int(total)
+
+
+def network_macs(onnx_model: ModelLike) -> int:
+    """The network's MACs: ``mnv3_compress.macs`` when the writer recorded them (a graph padded with zero
+    channels executes more, see the module docstring), else :func:`count_macs`."""
+    proto = load_model(onnx_model)
+    value = get_metadata(proto).get("macs")
+    try:
+        return int(json.loads(value)) if value is not None else count_macs(proto)
+    except (ValueError, TypeError):
+        return count_macs(proto)
 
 
 def initializer_params(onnx_model: ModelLike) -> int:

@@ -100,7 +100,13 @@ def _row(v: dict, ref: dict | None) -> list[str]:
         speed = f"{rlat / lat:.2f}×" if lat and rlat else "–"
     lat_text = "–" if lat is None else f"{lat:.3f}" + (f" ({p90:.3f})" if p90 is not None else "")
     return [str(v.get("name", "?")), "–" if top1 is None else f"{100 * top1:.2f} %", delta, lat_text, speed,
-            _size(v.get("size_bytes")), _si(v.get("params")), _si(v.get("macs"))]
+            _size(v.get("size_bytes")), _si(v.get("params")), _macs(v)]
+
+
+def _macs(v: dict) -> str:
+    """The network's MACs, with what the graph executes beside them when padding makes that more."""
+    macs, run = v.get("macs"), v.get("macs_executed")
+    return _si(macs) + (f" ({_si(run)} executed)" if _finite(run) and _finite(macs) and run != macs else "")
 
 
 def _table(groups: Sequence[tuple[list[dict], dict | None]]) -> list[str]:

@@ -48,6 +48,7 @@ __all__ = ["Recipe", "QuantizeConfig", "CalibrationConfig", "TuningConfig", "Pru
 
 RECIPES_DIR = Path(__file__).resolve().parent
 RECIPE_VERSION = 1
+COMMANDS = ("quantize", "prune")
 
 
 class RecipeError(UserError):
@@ -68,8 +69,13 @@ class Recipe:
     qat: QATConfig = field(default_factory=QATConfig)  # off unless enabled
     version: int = RECIPE_VERSION
     source: str | None = field(default=None, compare=False)
+    # the command that applies it: "prune" for recipes with a [prune] section (netadapt, netadapt-int8),
+    # "quantize" for the others
+    command: str = "quantize"
 
     def __post_init__(self) -> None:
+        if self.command not in COMMANDS:
+            raise ValueError(f"command = {self.command!r} is not allowed; allowed values: {', '.join(COMMANDS)}")
         if self.version != RECIPE_VERSION:
             raise ValueError(f"version = {self.version!r} is not supported; allowed values: {RECIPE_VERSION}")
         if not self.name.strip():
@@ -106,9 +112,19 @@ class Recipe:
         except (TypeError, ValueError) as e:
             raise RecipeError(f"recipe {self.name}: [{section}] {e}") from None
 
+    def require_command(self, command: str) -> "Recipe":
+        """This recipe, if ``command`` is the one that applies it; else a one-line error naming that command."""
+        if command != self.command:
+            what = "a pruning" if self.command == "prune" else "a quantization"
+            raise RecipeError(f"recipe {self.name} is {what} recipe: run it with 'mnv3-compress {self.command} "
+                              f"--recipe {self.name}' (see 'mnv3-compress recipes')")
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"version": self.version, "name": self.name, "description": self.description}
         for s in SECTIONS:
+            if s == "prune" and self.command != "prune":
+                continue  # [prune] marks a pruning recipe: a quantization recipe's file has none
             out[s] = {f.name: _plain(getattr(getattr(self, s), f.name)) for f in fields(getattr(self, s))}
         return out
 
@@ -192,7 +208,7 @@ def recipe_from_dict(data: Mapping[str, Any], source: str = "<recipe>") -> Recip
     sections = {s: _section(cls, data.get(s, {}), f"recipe {source} [{s}]") for s, cls in SECTIONS.items()}
     try:
         return Recipe(name=data["name"], description=data["description"], version=RECIPE_VERSION,
-                      source=source, **sections)
+                      source=source, command="prune" if "prune" in data else "quantize", **sections)
     except ValueError as e:
         raise RecipeError(f"recipe {source}: {e}") from None
 

@@ -113,3 +113,38 @@ def test_modules_and_functions_stay_small():
                 if n > MAX_FUNCTION_LINES:
                     long_functions.append(f"{name}.{node.name}: {n} lines")
     assert long_modules == [] and long_functions == []
+
+
+def test_no_test_skips_itself():
+    """A test whose data or runtime is missing fails, loudly, instead of skipping: CI cannot go green with a
+    part of the project untested (the README's test command installs everything the tests need)."""
+    offenders = []
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in ("skip", "skipif", "importorskip", "xfail"):
+                if isinstance(node.value, (ast.Name, ast.Attribute)) and "pytest" in ast.unparse(node.value):
+                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} {ast.unparse(node)}")
+    assert offenders == []
+
+
+def test_the_declared_python_has_what_the_code_imports():
+    """``requires-python`` admits no interpreter that lacks a standard-library module the project imports
+    (tomllib, which reads every recipe, is new in 3.11)."""
+    import re
+    import tomllib
+
+    spec = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    floor = tuple(int(x) for x in re.fullmatch(r">=\s*(\d+)\.(\d+)", spec.strip()).groups())
+    needs = {"tomllib": (3, 11)}
+    used = {name for path in _modules().values() for name in needs if name in _top_imports(path)}
+    assert all(floor >= needs[name] for name in used), (spec, used)
+
+
+def _top_imports(path: Path) -> set[str]:
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module.split(".")[0])
+    return out

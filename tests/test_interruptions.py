@@ -24,14 +24,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from calibration.datasets import FASHION_MNIST_DIR
 from cli import main
 from compress.io import atomic_path
 from compress.models.checkpoint import load_model, read_checkpoint, save_checkpoint
 from compress.models.mobilenetv3 import mobilenet_v3_small
 
 ROOT = Path(__file__).resolve().parents[1]
-needs_fmnist = pytest.mark.skipif(not Path(FASHION_MNIST_DIR).is_dir(), reason="Fashion-MNIST is not installed")
 TEMP_NAME = r"\.{name}\.[^/]+\.tmp"  # what an interrupted write can leave: a hidden .NAME.<random>.tmp
 
 
@@ -124,7 +122,6 @@ def test_an_exception_mid_write_leaves_nothing(tmp_path, error):
 
 # -- Ctrl-C during training -----------------------------------------------------------------------------
 
-@needs_fmnist
 def test_ctrl_c_during_training_keeps_the_last_complete_checkpoint(tmp_path):
     ckpt = tmp_path / "run" / "ck.pt"
     # a shell that starts CI in the background makes children ignore SIGINT; restore Python's handler so the
@@ -199,7 +196,6 @@ def test_the_malicious_checkpoint_is_live(tmp_path):
 
 # -- determinism ----------------------------------------------------------------------------------------
 
-@needs_fmnist
 def test_same_seed_same_float_weights(tmp_path):
     from compress.training.train import TrainConfig, train
 
@@ -217,7 +213,6 @@ def test_same_seed_same_float_weights(tmp_path):
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)  # the seed matters: the check above can fail
 
 
-@needs_fmnist
 def test_same_float_model_same_int8_model(tmp_path):
     from compress.quant.pipeline import quantize
 

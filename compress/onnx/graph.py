@@ -6,7 +6,7 @@ from collections import Counter, defaultdict
 import numpy as np
 import onnx
 
-__all__ = ["producers_consumers", "op_counts", "conv_nodes", "attr_int", "is_scalar_initializer"]
+__all__ = ["producers_consumers", "op_counts", "conv_nodes", "attr_int", "is_scalar_initializer", "weight_channel_axis"]
 
 
 def producers_consumers(g: onnx.GraphProto) -> tuple[dict[str, onnx.NodeProto], dict[str, list[onnx.NodeProto]]]:
@@ -33,3 +33,11 @@ def attr_int(node: onnx.NodeProto, name: str, default: int) -> int:
 
 def is_scalar_initializer(name: str, inits: dict) -> bool:
     return name in inits and int(np.prod(inits[name].dims)) <= 1
+
+
+def weight_channel_axis(node: onnx.NodeProto) -> int:
+    """The axis of a Conv / Gemm weight that holds its output channels (onnxruntime's per-channel axis): 0 for
+    Conv and for Gemm with ``transB = 1``; 1 for Gemm without it (``transB`` absent means 0: B is [K, N])."""
+    if node.op_type == "Gemm":
+        return 0 if attr_int(node, "transB", 0) else 1
+    return 0

@@ -34,7 +34,7 @@ from compress.onnx.graph import producers_consumers
 __all__ = ["rewrite_hswish", "rewrite_hard_sigmoid", "unshare_initializers", "fixed_range_tensors",
            "fold_gate_scales", "GATE_SCALE_SUFFIX", "HSWISH_FORMS", "HARD_SIGMOID_FORMS"]
 
-# How h-swish reaches ORT (the choice is measured in benchmarks/int8_latency.py --forms):
+# How h-swish reaches ORT (benchmarks/int8_latency.py measures every form unless --no-forms):
 #   hardswish      one HardSwish op (what torch exports)
 #   x_hardsigmoid  x * HardSigmoid(x)
 #   x_relu6        x * Clip(x + 3, 0, 6) * (1/6)
@@ -176,7 +176,12 @@ def fixed_range_tensors(model: onnx.ModelProto) -> dict[str, tuple[float, float]
 
 def fold_gate_scales(qdq: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """Remove ``DQ(a) -> Mul(., DQ(c)) -> Q -> DQ`` chains of the ``*/GateScale`` nodes by reading ``a``'s
-    uint8 code with scale ``s_a * c``.  Returns the new model and the number of folded multiplies."""
+    uint8 code with scale ``s_a * c``.  Returns the new model and the number of folded multiplies.
+
+    A chain is folded only where that is exact: the QuantizeLinear after the multiply must use scale ``s_a * c``
+    and ``a``'s zero point (the fixed qparams of the relu6 gates: 6/255 x 1/6 = 1/255), so it would give back
+    ``a``'s codes unchanged.  With calibrated gate qparams the multiply's requantization changes codes, and the
+    chain is left as it is."""
     out = copy.deepcopy(qdq)
     g = out.graph
     inits = {i.name: i for i in g.initializer}
@@ -213,6 +218,8 @@ def fold_gate_scales(qdq: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         if not dq_gs or any(d.op_type != "DequantizeLinear" for d in dq_gs):
             continue
         s_a = value(dq_a.input[1])
+        if not _requantizes_exactly(q_g, dq_a, float(s_a) * c, value):
+            continue
         new_scale = numpy_helper.from_array((s_a.astype(np.float64) * c).astype(np.float32),
                                             f"{mul.name}/folded_scale")
         g.initializer.append(new_scale)
@@ -239,3 +246,16 @@ def fold_gate_scales(qdq: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     for i in dead:
         g.initializer.remove(i)
     return out, folded
+
+
+def _requantizes_exactly(q: onnx.NodeProto, dq_a: onnx.NodeProto, scale: float, value) -> bool:
+    """Whether ``Q(DQ(a) * c)`` with ``q``'s qparams gives ``a``'s codes back: ``q``'s scale is ``s_a * c`` (to
+    float32 precision) and its zero point is ``a``'s, of the same type."""
+    s_q = value(q.input[1]) if len(q.input) > 1 else None
+    if s_q is None or s_q.size != 1 or not np.isclose(float(s_q), scale, rtol=1e-6, atol=0.0):
+        return False
+    z_q = value(q.input[2]) if len(q.input) > 2 and q.input[2] else None
+    z_a = value(dq_a.input[2]) if len(dq_a.input) > 2 and dq_a.input[2] else None
+    if z_q is None or z_a is None:
+        return z_q is None and z_a is None
+    return z_q.dtype == z_a.dtype and z_q.size == 1 and int(z_q) == int(z_a)

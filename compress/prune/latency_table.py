@@ -33,7 +33,7 @@ from compress.io import home as default_home
 from compress.io import write_json
 from compress.models.mobilenetv3 import ArchSpec, ConvBNAct, InvertedResidual, _act
 
-__all__ = ["LatencyTable", "network_units", "unit_module", "table_path", "agreement"]
+__all__ = ["LatencyTable", "network_units", "unit_module", "unit_onnx", "export_unit", "table_path", "agreement"]
 
 TABLE_VERSION = 1
 
@@ -93,11 +93,16 @@ def unit_module(unit: dict[str, Any]) -> tuple[nn.Module, tuple[int, int, int]]:
 def unit_onnx(unit: dict[str, Any], batch: int) -> bytes:
     """The unit exported as it would be inside the whole network (BN folded, opset 17), static shape."""
     module, chw = unit_module(unit)
-    module.eval()
     with torch.no_grad():  # non-trivial BN statistics, as in a trained network
         for m in module.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.running_var.uniform_(0.5, 2.0)
+    return export_unit(module, chw, batch)
+
+
+def export_unit(module: nn.Module, chw: Sequence[int], batch: int) -> bytes:
+    """``module`` (eval mode) as an ONNX graph with the static input ``[batch, *chw]``."""
+    module.eval()
     buf = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")

@@ -76,14 +76,32 @@ def _subsource(source: DataSource, train_idx: np.ndarray, holdout_idx: np.ndarra
     return source.resplit(train=train_idx, test=holdout_idx, of="train")
 
 
+# what a fine-tune takes from the start model's own training recipe (a train checkpoint's "train_config")
+FINETUNE_KEYS = ("pad_crop", "hflip", "label_smoothing", "weight_decay", "bn_momentum")
+
+
+def finetune_settings(start_meta: dict[str, Any]) -> dict[str, Any]:
+    """Augmentation, label smoothing, weight decay and BN momentum of the fine-tunes: the start model's own
+    (a model trained without random crops is fine-tuned without them), else ``TrainConfig``'s defaults for
+    checkpoints that record no training recipe (torchvision, timm).  BN momentum stays what the model was
+    trained with: pruning changes what every later BatchNorm sees, and the short fine-tunes must re-estimate
+    the running statistics (``TrainConfig``'s 0.1 moves them ~57 % of the way in 8 steps)."""
+    recorded = start_meta.get("train_config") if isinstance(start_meta.get("train_config"), dict) else {}
+    defaults = TrainConfig()
+    values = {k: recorded.get(k, getattr(defaults, k)) for k in FINETUNE_KEYS}
+    return {**values, "from": "the start model's training recipe" if recorded else "TrainConfig defaults"}
+
+
 def _finetune(model: MobileNetV3, source: DataSource, pool: np.ndarray, holdout: np.ndarray, steps: int,
-              batch_size: int, lr: float, offset: int, seed: int) -> dict[str, float]:
+              batch_size: int, lr: float, offset: int, seed: int, settings: dict[str, Any] | None = None
+              ) -> dict[str, float]:
     """``steps`` AdamW steps (cosine decay) on pool images from ``offset`` on; holdout top-1 and loss."""
     if steps <= 0:
         r = evaluate(model, _subsource(source, pool[:1], holdout))
         return {"top1": r["top1"], "loss": r["loss"]}
     take = np.take(pool, np.arange(offset, offset + steps * batch_size), mode="wrap")
-    cfg = TrainConfig(epochs=1, batch_size=batch_size, lr=lr, schedule="cosine", seed=seed)
+    cfg = TrainConfig(epochs=1, batch_size=batch_size, lr=lr, schedule="cosine", seed=seed,
+                      **{k: v for k, v in (settings or {}).items() if k in FINETUNE_KEYS})
     res = fit(model, _subsource(source, take, holdout), cfg, progress=False)
     model.eval()
     return {"top1": res["final"]["test_top1"], "loss": res["final"]["test_loss"]}
@@ -158,7 +176,7 @@ def prune(recipe: Any = "netadapt", weights: str | os.PathLike | None = None, ar
     Returns the report (``report.json``'s content) plus ``output_dir``.
     """
     t_start = time.time()
-    rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    rec = (recipe if isinstance(recipe, Recipe) else load_recipe(recipe)).require_command("prune")
     if overrides:
         rec = rec.with_overrides("prune", **overrides)
     cfg = rec.prune
@@ -170,7 +188,7 @@ def prune(recipe: Any = "netadapt", weights: str | os.PathLike | None = None, ar
         loaded, source = resolve_model(weights, arch, dataset=dataset, input_size=input_size, progress=progress)
         if not source.has_labels:
             raise UserError("pruning needs labelled data for its fine-tunes: use fashion-mnist or imagefolder:PATH")
-        search = _Search(rec, loaded.model.eval(), source, progress)
+        search = _Search(rec, loaded.model.eval(), source, progress, finetune_settings(loaded.meta))
         search.run()
         final_history = search.final_finetune()
         run = _Run(rec, loaded, source, out, eval_limit, weights, progress, t_start)
@@ -182,8 +200,10 @@ def prune(recipe: Any = "netadapt", weights: str | os.PathLike | None = None, ar
 class _Search:
     """NetAdapt's loop on one seed model: proposals, short fine-tunes, selection, measured latency."""
 
-    def __init__(self, rec: Recipe, seed_model: MobileNetV3, source: DataSource, progress: bool) -> None:
+    def __init__(self, rec: Recipe, seed_model: MobileNetV3, source: DataSource, progress: bool,
+                 settings: dict[str, Any]) -> None:
         self.rec, self.cfg, self.seed_model, self.source, self.progress = rec, rec.prune, seed_model, source, progress
+        self.settings = settings
         self.size = source.preprocess.input_size
         self.holdout, self.pool = holdout_split(len(source.split("train")), self.cfg.eval_images, self.cfg.seed)
         self.timings: dict[str, float] = {}
@@ -195,7 +215,8 @@ class _Search:
         seed_lat, _ = _measure_pair(self.seed_bytes, self.seed_bytes, cfg.threads, cfg.batch)
         self.seed_pred = self.table.predict(seed_model.spec)
         self.delta_ms = cfg.delta_ratio * self.seed_pred
-        seed_acc = _finetune(seed_model, source, self.pool, self.holdout, 0, cfg.batch_size, cfg.lr, 0, cfg.seed)
+        seed_acc = _finetune(seed_model, source, self.pool, self.holdout, 0, cfg.batch_size, cfg.lr, 0, cfg.seed,
+                             settings)
         self.timings["setup_s"] = time.time() - t
         self.current, self.cur_acc = seed_model, seed_acc
         self.trajectory = [{"iteration": 0, "proposal": None, "spec": seed_model.spec.to_dict(),
@@ -240,7 +261,7 @@ class _Search:
             group = next(g for g in channel_groups(self.current.spec) if g.name == p["group"])
             p["model"] = shrink_group(self.current, group, p["channels"][1], cfg.importance)
             p.update(_finetune(p["model"], self.source, self.pool, self.holdout, cfg.finetune_steps, cfg.batch_size,
-                               cfg.lr, offset, cfg.seed + it))
+                               cfg.lr, offset, cfg.seed + it, self.settings))
         chosen = proposals[select(proposals, cfg.selection, self.cur_acc["top1"])]
         self.current, self.cur_acc = chosen["model"], {"top1": chosen["top1"], "loss": chosen["loss"]}
         seed_lat_it, cur_lat = _measure_pair(self.seed_bytes, _onnx_bytes(self.current, self.size), cfg.threads,
@@ -269,7 +290,8 @@ class _Search:
         history: list[dict[str, Any]] = []
         if cfg.final_finetune_epochs > 0 and self.current is not self.seed_model:
             tc = TrainConfig(epochs=cfg.final_finetune_epochs, batch_size=cfg.batch_size, lr=cfg.final_lr,
-                             schedule="onecycle", seed=cfg.seed)
+                             schedule="onecycle", seed=cfg.seed,
+                             **{k: v for k, v in self.settings.items() if k in FINETUNE_KEYS})
             if self.progress:
                 tqdm.write(f"final fine-tune: {cfg.final_finetune_epochs} epoch(s) on {len(self.pool)} train images "
                            f"('test top-1' below is the {len(self.holdout)}-image TRAIN holdout)")
@@ -308,7 +330,7 @@ class _Run:
         """netadapt-int8: the recipe's [quantize] / [calibration] applied to the pruned checkpoint (int8/)."""
         from compress.quant.pipeline import quantize
 
-        q = quantize(self.rec, weights=self.out / "model.pt", dataset=self.source.name, input_size=self.size[0],
+        q = quantize(self.rec.replace(command="quantize"), weights=self.out / "model.pt", dataset=self.source.name, input_size=self.size[0],
                      output_dir=self.out / "int8", eval_limit=self.eval_limit, threads=self.cfg.threads,
                      latency=False, progress=self.progress)
         qv = next(v for v in q["variants"] if v["name"] == "int8")
@@ -371,7 +393,7 @@ class _Run:
                          "selection": cfg.selection, "importance": cfg.importance, "delta_ratio": cfg.delta_ratio,
                          "delta_ms": round(cfg.delta_ratio * pred[0], 5),
                          "target_latency_ratio": cfg.target_latency_ratio, "finetune_steps": cfg.finetune_steps,
-                         "final_finetune": final_history},
+                         "finetune_settings": search.settings, "final_finetune": final_history},
             "architecture": {"reference": _channels(seed_model.spec), "pruned": _channels(pruned.spec)},
             "latency_table": lut,
             "trajectory": trajectory,

@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 
 from compress.errors import UserError
-from compress.onnx.graph import conv_nodes
+from compress.onnx.graph import conv_nodes, weight_channel_axis
 from compress.onnx.graph_passes import (
     fixed_range_tensors,
     fold_gate_scales,
@@ -151,12 +151,13 @@ def fixed_qparam_overrides(model: onnx.ModelProto, q: QuantizeConfig) -> dict[st
             for name, (lo, hi) in fixed_range_tensors(model).items()}
 
 
-def weight_scale_overrides(scales: np.ndarray, per_channel: bool) -> list[dict[str, Any]]:
-    """TensorQuantOverrides for one symmetric int8 weight: a scale per output channel (axis 0) or one scale."""
+def weight_scale_overrides(scales: np.ndarray, per_channel: bool, axis: int = 0) -> list[dict[str, Any]]:
+    """TensorQuantOverrides for one symmetric int8 weight: a scale per output channel (along ``axis``, see
+    :func:`compress.onnx.graph.weight_channel_axis`) or one scale."""
     zero = np.array(0, dtype=np.int8)
     scales = np.asarray(scales, dtype=np.float32).reshape(-1)
     if per_channel:
-        return [{"axis": 0, "scale": np.array(sc, dtype=np.float32), "zero_point": zero} for sc in scales]
+        return [{"axis": axis, "scale": np.array(sc, dtype=np.float32), "zero_point": zero} for sc in scales]
     return [{"scale": np.array(scales[0], dtype=np.float32), "zero_point": zero}]
 
 
@@ -174,10 +175,11 @@ def low_bit_weight_overrides(model: onnx.ModelProto, q: QuantizeConfig, excluded
         if n.op_type not in ("Conv", "Gemm") or n.name in excluded or n.input[1] not in inits:
             continue
         w = onnx.numpy_helper.to_array(inits[n.input[1]]).astype(np.float32)
-        if n.op_type == "Gemm" and any(a.name == "transB" and a.i == 0 for a in n.attribute):
-            w = w.T  # output channels first, as onnxruntime's per-channel axis for Gemm expects
+        axis = weight_channel_axis(n)
+        w = np.moveaxis(w, axis, 0)  # output channels first
         absmax = np.abs(w.reshape(w.shape[0], -1)).max(axis=1) if q.per_channel else np.abs(w).max().reshape(1)
-        out[n.input[1]] = weight_scale_overrides(np.maximum(absmax / qmax, np.finfo(np.float32).tiny), q.per_channel)
+        out[n.input[1]] = weight_scale_overrides(np.maximum(absmax / qmax, np.finfo(np.float32).tiny), q.per_channel,
+                                                 axis)
     return out
 
 

@@ -10,19 +10,30 @@ __all__ = ["cpu_int8_info", "resolve_reduce_range"]
 _VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 
-def cpu_int8_info(cpuinfo: str | None = None) -> dict[str, Any]:
-    """Which int8 dot-product instructions this CPU has (x86: VNNI/AMX; Arm: sdot)."""
-    machine = platform.machine().lower()
+def cpu_int8_info(cpuinfo: str | None = None, machine: str | None = None) -> dict[str, Any]:
+    """Which int8 dot-product instructions a CPU has (x86: VNNI/AMX; Arm: sdot), from ``/proc/cpuinfo`` text.
+
+    Without ``cpuinfo`` this machine's is read and ``machine`` defaults to ``platform.machine()``; with a given
+    text the architecture is read from that text too (Arm kernels list ``Features`` and ``CPU architecture``,
+    x86 kernels ``flags``), so a device's cpuinfo describes the device, not the host reading it.
+    """
     if cpuinfo is None:
+        machine = machine or platform.machine()
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:
             cpuinfo = ""
     flags: set[str] = set()
+    arm_text = False
     for line in cpuinfo.splitlines():
-        if line.lower().startswith(("flags", "features")):
+        key = line.split(":", 1)[0].strip().lower()
+        if key in ("flags", "features") and ":" in line:
             flags.update(line.split(":", 1)[1].split())
-    x86 = machine in ("x86_64", "amd64", "i686", "i386") or "avx2" in flags or "sse2" in flags
+        arm_text = arm_text or key in ("features", "cpu architecture", "cpu implementer")
+    if machine is None:
+        machine = "aarch64" if arm_text else "x86_64" if flags & {"sse2", "avx2"} else platform.machine()
+    machine = machine.lower()
+    x86 = machine in ("x86_64", "amd64", "i686", "i386")
     return {"machine": machine, "x86": x86, "vnni": sorted(f for f in _VNNI_FLAGS if f in flags),
             "avx2": "avx2" in flags, "avx512": "avx512f" in flags, "arm_dot": "asimddp" in flags}
 

@@ -18,8 +18,9 @@ the classifier's Linear); units hold at least one Conv or Gemm.  :func:`plan`:
    vs float that keeping that unit in fp32 removes) and moves the unit with the best reduction per ms of latency
    it costs;
 5. before trusting the latency pass it measures the plan against the all-int8 model (``measure_interleaved``,
-   real latency, no profiler) and drops the latency moves when the plan is not faster; returns the node names
-   to exclude plus the plan (every unit's measured times, sensitivity, precision and the reason).
+   real latency, no profiler) and keeps the latency moves only when the plan is faster by more than the
+   measurement's round-to-round spread (both reported); returns the node names to exclude plus the plan
+   (every unit's measured times, sensitivity, precision and the reason).
 
 Limits: profiler timing adds a few microseconds per kernel, so per-unit times are only meaningful when kernels
 take tens of microseconds or more (MobileNetV3 at 224, not at 32x32); the interleaved check guards the result.
@@ -42,7 +43,7 @@ from eval.profile import layer_of, profile_onnx
 from recipes.loader import MixedPrecisionConfig
 
 __all__ = ["Unit", "MixedPlan", "layer_units", "boundary_tensors", "transition_ms", "greedy_latency_plan",
-           "sensitivity_metric", "plan", "plan_for_recipe", "render_plan"]
+           "sensitivity_metric", "measured_gain", "plan", "plan_for_recipe", "render_plan"]
 
 _WEIGHTED = ("Conv", "Gemm")
 GRAPH_INPUT, GRAPH_OUTPUT = "(input)", "(output)"
@@ -202,7 +203,7 @@ class _Planner:
         self.int8_ms = {u: self.prof_int8["by_layer"].get(u, {}).get("ms", 0.0) for u in units}
         self.numel = _numel(prepared, batch)
         self.borders = boundary_tensors(prepared, units)
-        self.ms_per_element = _transition_rate(self.prof_int8, prepared, batch)
+        self.ms_per_element = _transition_rate(self.prof_int8, self.all_int8, prepared, batch)
         self.chosen: set[str] = set()
         self.steps: list[dict[str, Any]] = []
         self.latency_check = None
@@ -231,13 +232,13 @@ class _Planner:
         candidate = self.build(self.excluded(self.chosen))
         lat = measure_interleaved({"int8_all": self.all_int8, "plan": candidate}, threads=self.threads,
                                   batch=self.batch, rounds=5, round_time_s=0.1)
-        self.latency_check = {"int8_all_ms": lat["int8_all"]["median"], "plan_ms": lat["plan"]["median"],
-                              "kept": lat["plan"]["median"] < lat["int8_all"]["median"]}
+        self.latency_check = measured_gain(lat["int8_all"], lat["plan"])
         if self.latency_check["kept"]:
             self.prof_plan = self.profile(candidate)
         else:
             self.chosen = set()
-            self.steps = [{**st, "reverted": "measured plan not faster"} for st in self.steps]
+            self.steps = [{**st, "reverted": "measured plan not faster beyond the round-to-round spread"}
+                          for st in self.steps]
 
     def failed(self) -> bool:
         return _failed(self.score, self.ref, self.metric, self.config.tolerable_loss, self.min_sqnr_db)
@@ -296,16 +297,29 @@ class _Planner:
         }
 
 
+def measured_gain(all_int8: dict[str, Any], candidate: dict[str, Any]) -> dict[str, Any]:
+    """Whether an interleaved measurement shows ``candidate`` faster than ``all_int8``: the gain in medians must
+    exceed the measurement's own noise, the larger round-to-round range (max - min of the round medians) of the
+    two.  A gain inside that range is not evidence of anything."""
+    gain = all_int8["median"] - candidate["median"]
+    noise = max(max(m["round_medians"]) - min(m["round_medians"]) for m in (all_int8, candidate))
+    return {"int8_all_ms": all_int8["median"], "plan_ms": candidate["median"], "gain_ms": round(gain, 6),
+            "round_spread_ms": round(noise, 6), "kept": bool(gain > noise)}
+
+
 def _failed(score: float, ref: float, metric: str, tolerable: float, min_sqnr_db: float) -> bool:
     if metric == "sqnr":
         return score < min_sqnr_db
     return ref - score > tolerable + 1e-12
 
 
-def _transition_rate(prof_int8: dict[str, Any], prepared: onnx.ModelProto, batch: int) -> float:
-    """ms per element of one fp32 <-> int8 transition: the int8 model's input QuantizeLinear (measured) per
-    input element, doubled for the layout reorder that comes with it."""
-    q = [r for r in prof_int8["by_node"] if r["op_type"] == "QuantizeLinear"]
+def _transition_rate(prof_int8: dict[str, Any], int8: onnx.ModelProto, prepared: onnx.ModelProto, batch: int
+                     ) -> float:
+    """ms per element of one fp32 <-> int8 transition: the int8 model's QuantizeLinear of the graph input
+    (measured) per input element, doubled for the layout reorder that comes with it."""
+    graph_inputs = {i.name for i in int8.graph.input}
+    names = {n.name for n in int8.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in graph_inputs}
+    q = [r for r in prof_int8["by_node"] if r["op_type"] == "QuantizeLinear" and r["node"] in names]
     inp = prepared.graph.input[0].type.tensor_type.shape.dim
     n_in = int(np.prod([d.dim_value if d.dim_value > 0 else batch for d in inp])) if inp else 0
     if not q or n_in == 0:
@@ -365,6 +379,11 @@ def render_plan(report: dict[str, Any]) -> str:
         sens = u.get("sensitivity")
         lines.append(f"| {name} | {u['precision']} | {u['fp32_ms']:.4f} | {u['int8_ms']:.4f} | {u['convs']} | "
                      f"{u['border_tensors']} | {'' if sens is None else f'{sens:.3g}'} |")
+    check = report.get("latency_check")
+    if check:
+        lines += ["", f"Latency check (interleaved): all int8 {check['int8_all_ms']:.4f} ms, plan {check['plan_ms']:.4f} "
+                      f"ms, gain {check['gain_ms']:.4f} ms vs a round-to-round spread of {check['round_spread_ms']:.4f} "
+                      f"ms: the latency moves were {'kept' if check['kept'] else 'reverted'}."]
     if report["steps"]:
         lines += ["", "Steps: " + "; ".join(f"{s['unit']} ({s['reason']}"
                                             + (f", reverted: {s['reverted']}" if "reverted" in s else "") + ")"

@@ -35,6 +35,7 @@ from compress.training.default_model import resolve_model
 from compress.training.distributed import DistContext, choose_device, launched_by_torchrun
 from eval.evaluate import evaluate_onnx
 from eval.latency import measure_interleaved
+from eval.model_info import count_macs
 from eval.report import run_header, write_run_report
 from recipes.loader import Recipe, load_recipe
 
@@ -157,8 +158,10 @@ def _facts(rec: Recipe, outcome: Outcome) -> dict[str, Any]:
 
 
 def _int8_bytes(graph: QuantizedGraph, fp32: onnx.ModelProto, rec: Recipe, facts: dict[str, Any]) -> bytes:
+    """The int8 graph with its metadata: the float model's (preprocessing, architecture ...), the recipe, how it
+    was quantized, and the network's MACs (its padded graph executes more, see eval.model_info)."""
     meta: dict[str, Any] = dict(get_metadata(fp32))
-    meta.update({"recipe": rec.name, "quantization": facts})
+    meta.update({"recipe": rec.name, "quantization": facts, "macs": count_macs(fp32)})
     model = set_metadata(graph.model, meta)
     model.producer_name = "mnv3-compress"
     return model.SerializeToString()
@@ -191,7 +194,7 @@ def quantize(recipe: str | os.PathLike | Recipe = "int8", weights: str | os.Path
     evaluation run on the CPU.  Returns the report (``report.json``'s content).
     """
     t_start = time.time()
-    rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    rec = (recipe if isinstance(recipe, Recipe) else load_recipe(recipe)).require_command("quantize")
     if launched_by_torchrun():
         raise UserError("quantize runs in one process (QAT included); launch it without torchrun "
                         "(multi-process training: mnv3-compress train under torchrun)")

@@ -55,10 +55,11 @@ def act_range(activation_type: str) -> tuple[torch.dtype, int, int]:
 
 
 def weight_qmax(q: QuantizeConfig, reduce_range: bool = False) -> int:
-    """Largest weight code: 127 (symmetric int8 as onnxruntime writes it), 63 with ``reduce_range``, or
+    """Largest weight code of the symmetric grid [-qmax, qmax], the one onnxruntime writes: 127 for int8, 64
+    with ``reduce_range`` (onnxruntime's reduced int8 range is [-64, 64], scale absmax / 64), or
     ``2^(bits-1) - 1`` for the recipe's narrower grids."""
     qmax = 2 ** (q.weight_bits - 1) - 1
-    return min(qmax, 63) if reduce_range else qmax
+    return min(qmax, 64) if reduce_range else qmax
 
 
 def _act_fq(q: QuantizeConfig, momentum: float) -> tq.FakeQuantize:

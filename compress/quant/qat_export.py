@@ -23,6 +23,7 @@ from torch.ao import quantization as tq
 from compress.errors import UserError
 from compress.models.mobilenetv3 import MobileNetV3
 from compress.onnx.export import export_onnx
+from compress.onnx.graph import weight_channel_axis
 from compress.quant.core import QuantizedGraph, prepare_float, quantize_prepared, weight_scale_overrides
 from compress.quant.qat import QATMobileNetV3, act_range
 from recipes.loader import QuantizeConfig
@@ -123,7 +124,7 @@ def qat_qparams(model: QATMobileNetV3, prepared: onnx.ModelProto, q: QuantizeCon
         if fq.is_per_channel:
             # depthwise padding (compress.onnx.graph_passes.pad_depthwise_channels) appends zero channels: any scale
             scale = np.concatenate([scale, np.ones(int(inits[node.input[1]].dims[0]) - scale.size, np.float32)])
-        overrides[node.input[1]] = weight_scale_overrides(scale, fq.is_per_channel)
+        overrides[node.input[1]] = weight_scale_overrides(scale, fq.is_per_channel, weight_channel_axis(node))
     covered = {nodes[ws.node].input[1] for ws in model.weight_sites}
     stray = [n.name for n in prepared.graph.node if n.op_type in ("Conv", "Gemm") and n.input[1] in inits
              and n.input[1] not in covered]

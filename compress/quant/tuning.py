@@ -31,10 +31,10 @@ import onnx
 from calibration.datasets import DataSource
 from calibration.subsets import Holdout
 from compress.errors import UserError
-from compress.quant.core import QuantizedGraph, calibrate, holdout_logits, quantize_prepared
+from compress.quant.core import QuantizedGraph, calibrate, holdout_logits, quantize_prepared, resolve_excluded_nodes
 from recipes.loader import Recipe
 
-__all__ = ["tune", "TuneResult", "OrtQdqConfig", "neural_compressor_status"]
+__all__ = ["tune", "TuneResult", "OrtQdqConfig", "fallback_budget", "neural_compressor_status"]
 
 log = logging.getLogger(__name__)
 _FALLBACK_OPS = ("Conv", "Gemm")
@@ -215,10 +215,7 @@ class _Tuner:
     def fallback_configs(self, method: str, sensitivity: list[dict[str, Any]]) -> list:
         """1, 2, 3 ... of the most sensitive layers in fp32, within the recipe's fallback budget."""
         conv_names = {n.name for n in self.prepared.graph.node if n.op_type == "Conv"}
-        n_convs = len(conv_names)
-        already = len(conv_names & set(self.recipe.quantize.nodes_to_exclude))
-        budget = min(int(np.floor(self.cfg.max_fallback_fraction * n_convs + 1e-9)),
-                     int(np.floor((1 - self.recipe.quantize.min_int8_conv_fraction) * n_convs + 1e-9)) - already)
+        budget = fallback_budget(self.prepared, self.recipe)
         configs, chosen, convs_out = [], [], 0
         for name in [s["node"] for s in sensitivity if s["gain"] > 0]:
             is_conv = name in conv_names
@@ -264,6 +261,18 @@ class _Tuner:
             "engine_notes": neural_compressor_status(),
         }
         return TuneResult(self.graphs[idx], report, final)
+
+
+def fallback_budget(prepared: onnx.ModelProto, recipe: Recipe) -> int:
+    """How many more convs tuning may keep in fp32: ``max_fallback_fraction`` of them, and no more than
+    ``min_int8_conv_fraction`` leaves, less the convs the recipe's own ``nodes_to_exclude`` (names or fnmatch
+    patterns, resolved to the graph's node names) already keeps in fp32."""
+    conv_names = {n.name for n in prepared.graph.node if n.op_type == "Conv"}
+    n_convs = len(conv_names)
+    q = recipe.quantize
+    already = len(conv_names & set(resolve_excluded_nodes(prepared, q.nodes_to_exclude, q.quantize_head)))
+    return min(int(np.floor(recipe.tuning.max_fallback_fraction * n_convs + 1e-9)),
+               int(np.floor((1 - q.min_int8_conv_fraction) * n_convs + 1e-9)) - already)
 
 
 def _passed(monitor, baseline: float, tolerable: float) -> bool:

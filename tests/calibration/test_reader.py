@@ -5,21 +5,17 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from calibration.datasets import FASHION_MNIST_DIR, open_dataset  # noqa: E402
+from calibration.datasets import open_dataset  # noqa: E402
 from calibration.reader import TrainSplitReader  # noqa: E402
 from calibration.subsets import calibration_indices  # noqa: E402
 
-needs_data = pytest.mark.skipif(not Path(FASHION_MNIST_DIR).is_dir(), reason="Fashion-MNIST is not installed")
 
-
-@needs_data
 def test_reader_feeds_the_chosen_train_images_and_never_the_test_split():
     source = open_dataset("fashion-mnist", 32)
 

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # run from any directory without installing the package
     sys.path.insert(0, str(ROOT))
 
-from eval_helpers import FASHION_MNIST, tiny_torch_model  # noqa: E402
+from eval_helpers import tiny_torch_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -19,8 +19,6 @@ def tiny(tmp_path_factory):
     from calibration.datasets import open_dataset
     from compress.onnx.export import export_onnx
 
-    if not FASHION_MNIST.is_dir():
-        pytest.skip("Fashion-MNIST is not installed")
     model = tiny_torch_model()
     path = export_onnx(model, tmp_path_factory.mktemp("tiny") / "tiny_fp32.onnx",
                        open_dataset("fashion-mnist", 32).preprocess)

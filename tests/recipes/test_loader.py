@@ -47,7 +47,7 @@ def test_builtin_recipes_load_and_are_listed():
         assert r.description.strip() and "\n" not in r.description
 
 
-@pytest.mark.parametrize("name", ["int8", "int8-tuned"])
+@pytest.mark.parametrize("name", ["int8", "int8-tuned", "netadapt", "netadapt-int8"])
 def test_to_toml_round_trips(name, tmp_path):
     r = load_recipe(name)
     text = r.to_toml()
@@ -122,6 +122,18 @@ def test_toml_emitter_escapes_strings():
     assert tomllib.loads(dump_toml(doc)) == doc
 
 
+def test_each_recipe_names_the_command_that_applies_it():
+    """A [prune] section makes a pruning recipe; the other command refuses it in one line naming the right one."""
+    commands = {r.name: r.command for r in list_recipes()}
+    assert commands["netadapt"] == commands["netadapt-int8"] == "prune"
+    assert {commands[n] for n in ("int8", "int8-tuned", "int8-mixed", "int8-qat")} == {"quantize"}
+    with pytest.raises(RecipeError, match="'mnv3-compress prune --recipe netadapt'"):
+        load_recipe("netadapt").require_command("quantize")
+    with pytest.raises(RecipeError, match="'mnv3-compress quantize --recipe int8'"):
+        load_recipe("int8").require_command("prune")
+    assert "[prune]" not in load_recipe("int8").to_toml() and "[prune]" in load_recipe("netadapt").to_toml()
+
+
 def test_cli_lists_recipes():
     from click.testing import CliRunner
 
@@ -132,6 +144,6 @@ def test_cli_lists_recipes():
     assert "int8 " in res.output and "int8-tuned" in res.output and "int8-qat" in res.output
     found = list_recipes()
     lines = res.output.splitlines()
-    assert [line.split()[0] for line in lines] == [r.name for r in found]
+    assert [line.split()[:2] for line in lines] == [[r.name, r.command] for r in found]
     # one column for the descriptions, however long the names
     assert len({line.index(r.description) for line, r in zip(lines, found)}) == 1

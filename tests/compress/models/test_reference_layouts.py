@@ -81,7 +81,7 @@ def synth_checksum(sd: "dict[str, torch.Tensor]") -> float:
 def _golden(name: str) -> dict[str, Any]:
     path = GOLDEN_DIR / f"{name}.json"
     if not path.exists():
-        pytest.skip(f"{path.name} missing: run tools/make_golden.py with torchvision and timm installed")
+        pytest.fail(f"{path.name} missing: run tools/make_golden.py with torchvision and timm installed")
     g = json.loads(path.read_text())
     g["layout"] = [(k, tuple(s)) for k, s in g["state_dict"]]
     return g

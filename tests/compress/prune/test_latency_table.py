@@ -1,5 +1,6 @@
 """The per-layer latency table: units of a network, their ONNX graphs, the on-disk cache and its key, the
-prediction of whole-network latency and how its agreement with measurements is reported."""
+prediction of whole-network latency and how its agreement with measurements is reported.  How well the table
+predicts measured latency is a benchmark (benchmarks/latency_table.py), not a unit test: timing is noisy."""
 import json
 
 import numpy as np
@@ -11,6 +12,7 @@ from compress.models.mobilenetv3 import arch_spec
 from compress.prune.latency_table import (
     LatencyTable,
     agreement,
+    export_unit,
     network_units,
     table_path,
     unit_key,
@@ -29,16 +31,28 @@ def test_units_cover_the_network_with_their_input_sides():
     assert len({unit_key(u) for u in units}) == len(units) - 2  # blocks 4 = 5 and 9 = 10: measured once
 
 
-def test_unit_graph_computes_what_its_module_computes():
-    unit = network_units(arch_spec("mobilenet_v3_small", width_mult=0.5, num_classes=10), 32)[5]
+@pytest.mark.parametrize("index", [0, 5, 11, 12, 13])  # stem, an SE block, a strided block, last conv, head
+def test_unit_graph_computes_what_its_module_computes(index):
+    """A unit's ONNX graph (as the table times it) computes the unit's torch module: same values."""
+    unit = network_units(arch_spec("mobilenet_v3_small", width_mult=0.5, num_classes=10), 32)[index]
     torch.manual_seed(0)
-    data = unit_onnx(unit, batch=2)
     module, chw = unit_module(unit)
-    sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # trained-like BN statistics, so that the folded graph has something to get wrong
+        for m in module.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    sess = ort.InferenceSession(export_unit(module, chw, batch=2), providers=["CPUExecutionProvider"])
     (inp,) = sess.get_inputs()
     assert inp.shape == [2, *chw]
-    out = sess.run(None, {inp.name: np.random.default_rng(0).standard_normal((2, *chw)).astype(np.float32)})[0]
-    assert out.shape == (2, unit["out_ch"], 2, 2)
+    x = np.random.default_rng(0).standard_normal((2, *chw)).astype(np.float32)
+    out = sess.run(None, {inp.name: x})[0]
+    with torch.no_grad():
+        ref = module.eval()(torch.from_numpy(x)).numpy()
+    assert out.shape == ref.shape and np.abs(ref).max() > 1e-3
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+    assert len(ort.InferenceSession(unit_onnx(unit, 1), providers=["CPUExecutionProvider"]).get_inputs()) == 1
 
 
 def test_table_path_is_keyed_by_settings(tmp_path):
@@ -65,24 +79,6 @@ def test_prediction_is_cached_and_reused(tmp_path):
     assert other.entries == {}
     names = [n for n, _ in table.breakdown(spec)]
     assert names[0] == "stem" and names[-2:] == ["last_conv", "head"]
-
-
-def test_prediction_tracks_a_whole_network_measurement(tmp_path):
-    from compress.models.mobilenetv3 import MobileNetV3
-    from compress.onnx.export import to_onnx
-    from eval.latency import measure_interleaved
-
-    specs = [arch_spec("mobilenet_v3_small", width_mult=w, num_classes=10) for w in (1.0, 0.5)]
-    table = LatencyTable(32, threads=1, batch=1, path=tmp_path / "lut.json", rounds=2, round_time_s=0.02,
-                         progress=False)
-    pred = [table.predict(s) for s in specs]
-    meas = measure_interleaved({i: to_onnx(MobileNetV3(s), (32, 32)) for i, s in enumerate(specs)}, rounds=3,
-                               round_time_s=0.05)
-    m = [meas[0]["median"], meas[1]["median"]]
-    # loose bounds: the machine is shared; the real agreement is reported by every NetAdapt run
-    assert pred[1] < pred[0]
-    for p, q in zip(pred, m):
-        assert 0.5 < p / q < 2.0
 
 
 def test_agreement_reports_errors_and_seed_calibration():

@@ -66,6 +66,23 @@ def test_selection_rules_differ():
     assert select(tie, "min_drop", 0.9) == 1  # lower holdout loss breaks the tie
 
 
+def test_finetunes_take_the_start_models_training_settings(monkeypatch):
+    """A start model trained without random crops is fine-tuned without them; a checkpoint that records no
+    training recipe (torchvision, timm) gets TrainConfig's defaults."""
+    import compress.prune.netadapt as na
+    from compress.training.train import TrainConfig
+
+    mine = na.finetune_settings({"train_config": {**TrainConfig().__dict__, "pad_crop": 0, "bn_momentum": 0.05}})
+    assert mine["pad_crop"] == 0 and mine["bn_momentum"] == 0.05 and mine["from"].startswith("the start model")
+    assert na.finetune_settings({})["pad_crop"] == TrainConfig().pad_crop == 2
+    seen = []
+    monkeypatch.setattr(na, "fit", lambda model, source, cfg, **kw: seen.append(cfg) or
+                        {"final": {"test_top1": 0.5, "test_loss": 1.0}})
+    monkeypatch.setattr(na, "_subsource", lambda source, train, holdout: source)
+    na._finetune(torch.nn.Linear(1, 1), None, np.arange(100), np.arange(10), 2, 8, 1e-4, 0, 0, mine)
+    assert seen[0].pad_crop == 0 and seen[0].bn_momentum == 0.05 and seen[0].hflip == mine["hflip"]
+
+
 def _fake_fashion_mnist(root, n_train=600, n_test=200):
     rng = np.random.default_rng(0)
     for prefix, n in (("train", n_train), ("t10k", n_test)):

@@ -173,11 +173,13 @@ def quantizer(fp32, tmp_path_factory):
 
 
 def test_plan_on_unlabeled_data_reports_every_unit(quantizer):
+    """Logit SQNR as the criterion on unlabelled data: the all-int8 model of this network reaches 5 dB (a broken
+    quantization would not), so the plan keeps it and reports every unit."""
     prepared, build, predict = quantizer
-    cfg = MixedPrecisionConfig(enabled=True, tolerable_loss=1.0, profile_runs=3)
-    p = plan(prepared, build, predict, None, cfg)
+    cfg = MixedPrecisionConfig(enabled=True, sensitivity="sqnr", profile_runs=3)
+    p = plan(prepared, build, predict, None, cfg, min_sqnr_db=5.0)
     r = p.report
-    assert r["metric"] == "agreement" and r["meets_tolerance"]
+    assert r["metric"] == "sqnr" and r["meets_tolerance"] and r["score"] >= 5.0
     assert set(r["units"]) == set(layer_units(prepared))
     names = {n.name for n in prepared.graph.node}
     assert set(p.nodes_to_exclude) <= names
@@ -201,6 +203,82 @@ def test_plan_falls_back_sensitive_units_until_the_budget(quantizer):
     assert set(r["fp32_units"]) == moved
     units = layer_units(prepared)
     assert sorted(p.nodes_to_exclude) == sorted(n for u in moved for n in units[u].nodes)
+
+
+def test_plan_keeps_latency_moves_only_when_the_measurement_shows_them(quantizer, monkeypatch):
+    """The latency pass's candidate is measured against all-int8: a gain larger than the round-to-round spread
+    keeps it (its units in fp32, the measurement in the report), a gain inside the spread reverts it."""
+    import eval.latency
+    from compress.quant import mixed_precision as mp
+
+    prepared, build, predict = quantizer
+    unit = next(iter(layer_units(prepared)))
+    monkeypatch.setattr(mp, "greedy_latency_plan", lambda *a, **k: ({unit}, [{"unit": unit, "reason": "latency",
+                                                                              "gain_ms": 0.01}]))
+    cfg = MixedPrecisionConfig(enabled=True, sensitivity="sqnr", profile_runs=3)
+
+    def measured(all_ms, plan_ms, spread):
+        def fake(models, **kw):
+            return {"int8_all": {"median": all_ms, "round_medians": [all_ms, all_ms + spread]},
+                    "plan": {"median": plan_ms, "round_medians": [plan_ms, plan_ms + spread]}}
+        return fake
+
+    monkeypatch.setattr(eval.latency, "measure_interleaved", measured(1.0, 0.8, 0.05))  # gain 0.2 > spread 0.05
+    kept = plan(prepared, build, predict, None, cfg, min_sqnr_db=-1000.0)
+    check = kept.report["latency_check"]
+    assert check["kept"] and check["gain_ms"] == pytest.approx(0.2) and check["round_spread_ms"] == pytest.approx(0.05)
+    assert kept.report["fp32_units"] == [unit] and set(kept.nodes_to_exclude) == set(layer_units(prepared)[unit].nodes)
+    monkeypatch.setattr(eval.latency, "measure_interleaved", measured(1.0, 0.98, 0.05))  # gain 0.02 < spread
+    reverted = plan(prepared, build, predict, None, cfg, min_sqnr_db=-1000.0)
+    assert not reverted.report["latency_check"]["kept"] and reverted.nodes_to_exclude == []
+    assert reverted.report["steps"][0]["reverted"].startswith("measured plan not faster")
+
+
+def test_transition_rate_is_the_input_quantize_per_element():
+    """The price of one transition comes from the QuantizeLinear of the graph input, not from the slowest
+    QuantizeLinear of the profile (a wide fp32 island's)."""
+    from compress.quant.mixed_precision import _transition_rate
+
+    nodes = [helper.make_node("QuantizeLinear", ["input", "s", "z"], ["q"], name="input_QuantizeLinear"),
+             helper.make_node("QuantizeLinear", ["t", "s", "z"], ["tq"], name="t_QuantizeLinear")]
+    inp = helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])
+    model = helper.make_model(helper.make_graph(nodes, "g", [inp], []))
+    prof = {"by_node": [{"node": "t_QuantizeLinear", "op_type": "QuantizeLinear", "ms": 0.5},  # slowest first
+                        {"node": "input_QuantizeLinear", "op_type": "QuantizeLinear", "ms": 0.0192}]}
+    assert _transition_rate(prof, model, model, 1) == pytest.approx(2 * 0.0192 / (3 * 8 * 8))
+
+
+def test_measured_gain_needs_a_margin_beyond_the_spread():
+    from compress.quant.mixed_precision import measured_gain
+
+    a = {"median": 1.0, "round_medians": [0.95, 1.0, 1.1]}
+    assert measured_gain(a, {"median": 0.9, "round_medians": [0.88, 0.9, 0.92]})["kept"] is False  # 0.1 < 0.15
+    r = measured_gain(a, {"median": 0.8, "round_medians": [0.78, 0.8, 0.81]})
+    assert r["kept"] is True and r["round_spread_ms"] == pytest.approx(0.15)
+
+
+def test_recipe_exclusions_are_resolved_once(fp32, tmp_path, monkeypatch):
+    """plan_for_recipe resolves the recipe's exclusion patterns once, not once per graph node, and hands the
+    resolved node names to the plan."""
+    from calibration.datasets import open_dataset
+    from compress.quant import mixed_precision as mp
+    from compress.quant.core import prepare_float
+
+    recipe = load_recipe("int8-mixed").with_overrides("calibration", size=64)
+    recipe = recipe.with_overrides("quantize", nodes_to_exclude=("/features/features.1/*",))
+    prepared = prepare_float(fp32, recipe.quantize, tmp_path)
+    calls, seen = [], {}
+    real = mp.resolve_excluded_nodes
+    monkeypatch.setattr(mp, "resolve_excluded_nodes", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def fake_plan(prepared, build, predict, labels, cfg, threads=1, batch=1, base_excluded=()):
+        seen["base"] = list(base_excluded)
+        return mp.MixedPlan([], {})
+
+    monkeypatch.setattr(mp, "plan", fake_plan)
+    mp.plan_for_recipe(prepared, None, recipe, open_dataset("synthetic", SIZE), tmp_path)
+    assert len(calls) == 1
+    assert seen["base"] and all(n.startswith("/features/features.1/") for n in seen["base"])
 
 
 def test_labels_required_for_accuracy_sensitivity():

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[3]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from calibration.datasets import FASHION_MNIST_DIR, open_dataset  # noqa: E402
+from calibration.datasets import open_dataset  # noqa: E402
 from calibration.reader import TrainSplitReader  # noqa: E402
 from compress.errors import UserError  # noqa: E402
 from compress.onnx.export import to_onnx  # noqa: E402
@@ -29,8 +29,6 @@ from compress.quant.core import calibrate, prepare_float, quantize_prepared  # n
 from compress.quant.cpu import cpu_int8_info, resolve_reduce_range  # noqa: E402
 from recipes.loader import load_recipe  # noqa: E402
 from tests.compress.quant.tiny_trained import SIZE, ort_session, train_tiny, two_class_test_images  # noqa: E402
-
-pytestmark = pytest.mark.skipif(not Path(FASHION_MNIST_DIR).is_dir(), reason="Fashion-MNIST is not installed")
 
 
 def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
@@ -159,6 +157,34 @@ def test_folding_gate_scales_is_exact(int8_default, reader, tmp_path, eval_subse
     assert np.abs(a - b).max() <= 1e-5 * max(1.0, np.abs(a).max())
 
 
+def test_gate_scales_are_folded_only_where_exact(int8_default, reader, tmp_path, eval_subset, monkeypatch):
+    """fold_gate_scales removes a gate's requantization only when it gives the relu6 codes back (its scale is
+    s_relu6 x 1/6, its zero point the relu6's).  Where a gate QuantizeLinear has any other scale, folding would
+    change the function: those chains stay."""
+    from compress.onnx import graph_passes
+    from compress.quant import core as qmod
+
+    recipe, prepared, _ = int8_default
+    monkeypatch.setattr(qmod, "fold_gate_scales", lambda m: (m, 0))
+    unfolded = quantize_prepared(prepared, calibrate(prepared, reader, recipe.calibration, tmp_path), recipe,
+                                 tmp_path).model
+    consumers = {i: n for n in unfolded.graph.node for i in n.input}
+    gate_qs = [consumers[n.output[0]] for n in unfolded.graph.node if n.name.endswith(graph_passes.GATE_SCALE_SUFFIX)]
+    assert len(gate_qs) == 28 and all(q.op_type == "QuantizeLinear" for q in gate_qs)
+    other = onnx.ModelProto()
+    other.CopyFrom(unfolded)
+    inits = {i.name: i for i in other.graph.initializer}
+    for q in gate_qs[:10]:  # give ten gates a scale the relu6 codes cannot be read with
+        name = f"{q.input[1]}/wider"
+        other.graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(inits[q.input[1]]) * 1.25,
+                                                               name))
+        next(n for n in other.graph.node if n.name == q.name).input[1] = name
+    folded, n = graph_passes.fold_gate_scales(other)
+    assert n == 18
+    x = eval_subset[0][:128]
+    np.testing.assert_allclose(_run(folded, x), _run(other, x), rtol=1e-5, atol=1e-5)
+
+
 # -- the int8 model -------------------------------------------------------------------------------------
 
 def test_int8_model_agrees_with_float_on_two_class_test_images(tiny, int8_default, eval_subset):
@@ -225,6 +251,50 @@ def test_low_bit_weights_use_a_narrow_grid_on_int8_storage(tiny, reader, tmp_pat
             assert peaks.max() == 7 and set(np.unique(peaks)) <= {0, 7}, n.name
 
 
+@pytest.mark.parametrize("trans_b", [None, 0, 1])
+def test_low_bit_gemm_weights_are_scaled_per_output_column(tmp_path, trans_b):
+    """A Gemm's output channels are axis 0 of B only with transB = 1; absent transB means 0 (B is [K, N], outputs
+    on axis 1).  The low-bit overrides scale each output channel on its own axis, and onnxruntime accepts them."""
+    from onnx import TensorProto, helper
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from compress.quant.core import low_bit_weight_overrides
+    from recipes.loader import QuantizeConfig
+
+    rng = np.random.default_rng(0)
+    k, n = 6, 4
+    w = rng.standard_normal((k, n)).astype(np.float32) * np.array([0.1, 1.0, 5.0, 20.0], np.float32)  # [K, N]
+    b = w.T.copy() if trans_b else w
+    attrs = {} if trans_b is None else {"transB": trans_b}
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "B"], ["y"], name="fc", **attrs)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])], [numpy_helper.from_array(b, "B")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    q = QuantizeConfig(weight_bits=4, per_channel=True)
+    over = low_bit_weight_overrides(model, q)["B"]
+    axis = 0 if trans_b else 1
+    assert {o["axis"] for o in over} == {axis}
+    np.testing.assert_allclose([float(o["scale"]) for o in over], np.abs(w).max(axis=0) / 7, rtol=1e-6)
+
+    class One(CalibrationDataReader):
+        def __init__(self):
+            self.items = [{"x": rng.standard_normal((1, k)).astype(np.float32)}]
+
+        def get_next(self):
+            return self.items.pop() if self.items else None
+
+    src, dst = tmp_path / "f.onnx", tmp_path / "q.onnx"
+    onnx.save(model, str(src))
+    quantize_static(str(src), str(dst), One(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    weight_type=QuantType.QInt8, extra_options={"TensorQuantOverrides": {"B": over}})
+    qm = onnx.load(str(dst))
+    codes = numpy_helper.to_array(next(i for i in qm.graph.initializer if i.data_type == TensorProto.INT8
+                                       and list(i.dims) == list(b.shape)))
+    peaks = np.abs(np.moveaxis(codes.astype(int), axis, 0).reshape(n, -1)).max(axis=1)
+    assert peaks.tolist() == [7, 7, 7, 7]  # every output column on its own 4-bit grid
+
+
 def test_reduce_range_follows_vnni():
     vnni = "flags\t: fpu sse2 avx2 avx512f avx512_vnni\n"
     plain = "flags\t: fpu sse2 avx2\n"
@@ -234,16 +304,17 @@ def test_reduce_range_follows_vnni():
     assert on is True and "VNNI" in why
     assert resolve_reduce_range("always", cpu_int8_info(vnni))[0] is True
     assert resolve_reduce_range("never", cpu_int8_info(plain))[0] is False
-    info = cpu_int8_info(arm)
-    if not info["x86"]:
-        assert resolve_reduce_range("auto", info)[0] is False
+    info = cpu_int8_info(arm)  # an Arm device's cpuinfo describes an Arm CPU, whatever host reads it
+    assert info["machine"] == "aarch64" and not info["x86"] and info["arm_dot"] and info["vnni"] == []
+    on, why = resolve_reduce_range("auto", info)
+    assert on is False and "aarch64" in why
+    assert cpu_int8_info(plain)["x86"] is True
 
 
 # -- tuning (neural-compressor loop) --------------------------------------------------------------------
 
 def test_tuning_falls_back_the_most_sensitive_layers(tiny, reader, source, tmp_path, monkeypatch):
     """Drive the loop with a scripted metric: int8 scores pass only with 2 layers in fp32."""
-    pytest.importorskip("neural_compressor.common.base_tuning")
     from compress.quant import tuning
 
     recipe = load_recipe("int8-tuned").with_overrides(
@@ -277,8 +348,24 @@ def test_tuning_falls_back_the_most_sensitive_layers(tiny, reader, source, tmp_p
         result.recipe.quantize.nodes_to_exclude)
 
 
+def test_fallback_budget_counts_the_recipes_own_exclusions_by_node_name(tiny, tmp_path):
+    """nodes_to_exclude holds fnmatch patterns; the budget subtracts the convs they resolve to."""
+    from fnmatch import fnmatchcase
+
+    from compress.quant.tuning import fallback_budget
+
+    recipe = load_recipe("int8-tuned")
+    prepared = onnx.load(str(prepare_float(tiny[2], recipe.quantize, tmp_path)))
+    convs = [n.name for n in prepared.graph.node if n.op_type == "Conv"]
+    assert fallback_budget(prepared, recipe) == int(0.1 * len(convs))  # 5 of 52
+    pattern = "/features/features.1/*"
+    hits = [c for c in convs if fnmatchcase(c, pattern)]
+    assert 1 <= len(hits) < 5
+    excluding = recipe.with_overrides("quantize", nodes_to_exclude=(pattern,))
+    assert fallback_budget(prepared, excluding) == int(0.1 * len(convs)) - len(hits)
+
+
 def test_retained_top1_does_not_let_gains_cancel_losses():
-    pytest.importorskip("neural_compressor.common.base_tuning")
     from compress.quant.tuning import _score
 
     labels = np.array([0, 1, 2, 3])
@@ -317,6 +404,13 @@ def test_quantize_command_writes_models_reports_and_recipe(tiny, tmp_path):
     meta = {p.key: p.value for p in onnx.load(str(out / "model_int8.onnx")).metadata_props}
     assert meta["mnv3_compress.recipe"] == "int8" and "mnv3_compress.preprocess" in meta
     assert "int8" in res.output and "report.md" in res.output
+    # MACs: the network's (equal to float), and separately what the padded int8 graph executes
+    fp32_macs = report["variants"][0]["macs"]
+    from eval.model_info import count_macs
+
+    assert fp32_macs == count_macs(tiny[2]) == report["variants"][0]["macs_executed"]
+    assert int8["macs"] == fp32_macs < int8["macs_executed"] == count_macs(out / "model_int8.onnx")
+    assert "executed)" in (out / "report.md").read_text()
 
 
 def test_quantize_command_reports_bad_recipes_in_one_line(tmp_path):

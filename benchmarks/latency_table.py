@@ -1,0 +1,83 @@
+"""How well NetAdapt's per-block latency table predicts whole networks: predicted vs measured latency.
+
+Builds ``--networks`` pruned variants of one architecture (random channel cuts of random groups, in steps of 8,
+seeded), predicts each with the latency table and measures each whole network with onnxruntime, all networks
+interleaved in one measurement, and reports the table's errors (``compress.prune.latency_table.agreement``):
+mean / max absolute relative error, and the same after one scale calibrated on the unpruned network (how
+NetAdapt uses the table: relative to its seed).
+
+    python benchmarks/latency_table.py                            # MobileNetV3-Small @32, 12 networks, 1 thread
+    python benchmarks/latency_table.py --arch mobilenet_v3_large --input-size 64 --networks 16
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def pruned_specs(arch: str, n: int, seed: int = 0, num_classes: int = 10) -> list:
+    """The unpruned spec and ``n - 1`` random prunings of it (each cuts 1-4 groups by 8-50 %)."""
+    import numpy as np
+
+    from compress.models.mobilenetv3 import arch_spec
+    from compress.prune.channels import DIVISOR, channel_groups, pruned_spec, structure_problems
+
+    rng = np.random.default_rng(seed)
+    base = arch_spec(arch, num_classes=num_classes)
+    specs = [base]
+    while len(specs) < n:
+        groups = channel_groups(base)
+        sizes = {}
+        for g in rng.choice(groups, size=int(rng.integers(1, 5)), replace=False):
+            keep = max(DIVISOR, int(g.channels * rng.uniform(0.5, 0.92)) // DIVISOR * DIVISOR)
+            sizes[g.name] = keep
+        spec = pruned_spec(base, sizes)
+        if not structure_problems(base, spec) and spec not in specs:
+            specs.append(spec)
+    return specs
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", default="mobilenet_v3_small", choices=("mobilenet_v3_small", "mobilenet_v3_large"))
+    p.add_argument("--input-size", type=int, default=32)
+    p.add_argument("--networks", type=int, default=12, help="networks compared (default: 12, at least 10)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--json", type=Path, help="also write the result here")
+    args = p.parse_args(argv)
+
+    from compress.models.mobilenetv3 import MobileNetV3
+    from compress.onnx.export import to_onnx
+    from compress.prune.latency_table import LatencyTable, agreement
+    from eval.latency import measure_interleaved
+    from eval.model_info import machine_info
+
+    specs = pruned_specs(args.arch, args.networks)
+    size = args.input_size
+    with tempfile.TemporaryDirectory() as tmp:
+        table = LatencyTable(size, args.threads, 1, path=Path(tmp) / "table.json", progress=True)
+        predicted = [table.predict(s) for s in specs]
+    measured = measure_interleaved({str(i): to_onnx(MobileNetV3(s), (size, size)) for i, s in enumerate(specs)},
+                                   threads=args.threads, rounds=args.rounds, round_time_s=0.1)
+    meas = [measured[str(i)]["median"] for i in range(len(specs))]
+    result = {"arch": args.arch, "input_size": size, "threads": args.threads, "networks": len(specs),
+              "predicted_ms": [round(x, 5) for x in predicted], "measured_ms": meas,
+              "agreement": agreement(predicted, meas), "machine": machine_info()}
+    for i, (a, b) in enumerate(zip(predicted, meas)):
+        print(f"network {i:2d}: predicted {a:.4f} ms, measured {b:.4f} ms ({100 * (a - b) / b:+.1f} %)")
+    print(json.dumps(result["agreement"]))
+    if args.json:
+        from compress.io import write_json
+
+        write_json(args.json, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
