@@ -5,8 +5,14 @@ Errors are one line on stderr with a non-zero exit; ``--debug`` shows the traceb
 from __future__ import annotations
 
 import json
+import os
 import sys
 import traceback
+
+# OpenMP threads that spin while they wait make torch's training 4-15x slower as soon as another process shares
+# the cores (benchmarks/training_threads.py); sleeping waiters degrade in proportion to the CPU left.  Set before
+# torch loads OpenMP; an explicit OMP_WAIT_POLICY wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import click
 
@@ -72,28 +78,48 @@ def main(debug: bool) -> None:
 
 def _arch_options(f):
     f = click.option("--num-classes", type=click.IntRange(1), default=None,
-                     help="Classifier outputs (default: inferred from --weights, else the dataset's).")(f)
+                     help="Classifier outputs (default: read from --weights, else the dataset's).")(f)
     f = click.option("--minimalistic", is_flag=True, default=None,
-                     help="Minimalistic variant: no SE, no h-swish, 3x3 kernels only.")(f)
+                     help="Minimalistic variant: no SE, no h-swish, 3x3 kernels only (default: read from --weights).")(f)
     f = click.option("--width-mult", type=click.FloatRange(min=0.1), default=None,
-                     help="Channel width multiplier (e.g. 0.75, 1.0).  [default: 1.0]")(f)
+                     help="Channel width multiplier, e.g. 0.75 (default: read from --weights, else 1.0).")(f)
     f = click.option("--arch", type=click.Choice(ARCH_CHOICES), default=None,
-                     help="Architecture (torchvision name).  [default: mobilenet_v3_small]")(f)
+                     help="Architecture (default: read from --weights, else the embedded default's).")(f)
     return f
 
 
-_DATASET_HELP = "fashion-mnist (default), fashion-mnist:DIR, imagefolder:PATH (PATH/train + PATH/val, or one class folder), synthetic."
+def _model_options(f):
+    """Where a command's model comes from, and the options that must agree with it."""
+    f = click.option("--train-default", is_flag=True,
+                     help="No --weights and no embedded default for this architecture / data / size: train one here "
+                          "(the error without it says how long that takes).")(f)
+    f = click.option("--weights", type=click.Path(dir_okay=False), default=None,
+                     help="Float checkpoint: torchvision or timm state_dict, or one of ours; the architecture is read "
+                          "from it. Default: the embedded default model.")(f)
+    return _arch_options(f)
+
+
+def _workers_option(f):
+    return click.option("--workers", type=click.IntRange(0), default=None,
+                        help="DataLoader processes decoding and preprocessing images (default: one per core up to 8 "
+                             "for imagefolder, 0 for in-memory datasets).")(f)
+
+
+_DATASET_HELP = ("fashion-mnist, fashion-mnist:DIR, imagefolder:PATH (PATH/train + PATH/val, or one class folder), "
+                 "synthetic (random images: latency only).")
 
 
 # == train =========================================================================================
 @main.command()
 @_arch_options
+@_workers_option
 @click.option("--dataset", default="fashion-mnist", show_default=True, help=_DATASET_HELP)
 @click.option("--input-size", type=click.IntRange(8), default=None, help="Square input side (default: 32 for Fashion-MNIST, 224 otherwise).")
 @click.option("--epochs", type=click.IntRange(1), default=5, show_default=True, help="Total epochs (with --resume: the total to reach).")
 @click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True, help="Images per step and process (under torchrun the global batch is this x WORLD_SIZE).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=3e-3, show_default=True, help="Peak learning rate of AdamW.")
 @click.option("--schedule", type=click.Choice(["onecycle", "cosine"]), default="onecycle", show_default=True, help="Learning-rate schedule: one-cycle (warm-up, then decay) or cosine decay.")
+@click.option("--pad-crop", type=click.IntRange(0), default=2, show_default=True, help="Random-crop padding in pixels at 32x32 (scaled with the input size); 0: no random crops.")
 @click.option("--limit-train", type=click.IntRange(1), default=None, help="Use only the first N training images.")
 @click.option("--limit-test", type=click.IntRange(1), default=None, help="Evaluate on the first N test images only.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -102,7 +128,7 @@ _DATASET_HELP = "fashion-mnist (default), fashion-mnist:DIR, imagefolder:PATH (P
 @click.option("--weights", type=click.Path(dir_okay=False), default=None, help="Start from these weights (fine-tune).")
 @click.option("--resume", type=click.Path(dir_okay=False), default=None, help="Continue a checkpoint written by train.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), required=True, help="Checkpoint to write (atomically, after every epoch).")
-def train(epochs, batch_size, lr, schedule, limit_train, limit_test, seed, sync_bn, **kw) -> None:
+def train(epochs, batch_size, lr, schedule, pad_crop, limit_train, limit_test, seed, sync_bn, **kw) -> None:
     """Train (or fine-tune) a MobileNetV3 with augmentation, label smoothing and a one-cycle/cosine schedule.
 
     Evaluates on the test split after every epoch and writes the checkpoint atomically each time, so Ctrl-C
@@ -112,8 +138,8 @@ def train(epochs, batch_size, lr, schedule, limit_train, limit_test, seed, sync_
     from compress.training.train import TrainConfig
     from compress.training.train import train as run_train
 
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule, limit_train=limit_train,
-                      limit_test=limit_test, seed=seed, sync_bn=sync_bn)
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule, pad_crop=pad_crop,
+                      limit_train=limit_train, limit_test=limit_test, seed=seed, sync_bn=sync_bn)
     result = run_train(config=cfg, **kw)
     if result["rank"] != 0:  # under torchrun: rank 0 reports for all
         return
@@ -124,16 +150,17 @@ def train(epochs, batch_size, lr, schedule, limit_train, limit_test, seed, sync_
 
 # == export ========================================================================================
 @main.command()
-@_arch_options
-@click.option("--weights", type=click.Path(dir_okay=False), default=None, help="Checkpoint (torchvision, timm or ours). Default: the embedded default model.")
-@click.option("--dataset", default="fashion-mnist", show_default=True, help="Whose preprocessing the model's metadata records. " + _DATASET_HELP)
-@click.option("--input-size", type=click.IntRange(8), default=None, help="Square input side (default: the checkpoint's, else the dataset's).")
+@_model_options
+@click.option("--dataset", default=None, help="Record this dataset's preprocessing (default: the checkpoint's, else ImageNet's for a 1000-class model). " + _DATASET_HELP)
+@click.option("--input-size", type=click.IntRange(8), default=None, help="Square input side (default: the checkpoint's, else 224 for ImageNet models).")
 @click.option("--random-init", is_flag=True, help="Export freshly initialised weights (latency work on any architecture).")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), required=True, help="ONNX file to write.")
 def export(**kw) -> None:
     """Export a float model to ONNX (opset 17), checked and validated against torch before it is kept.
 
-    The file records in its metadata how to feed it (input size, mean/std, resize) and the architecture.
+    Needs only a model: the file records in its metadata how to feed it (input size, mean/std, resize) - the
+    checkpoint's preprocessing (train checkpoints carry it), ImageNet's for 1000-class torchvision / timm
+    checkpoints, or --dataset's - and the architecture.
     """
     from compress.onnx.export import export_model
 
@@ -143,18 +170,20 @@ def export(**kw) -> None:
 # == eval ==========================================================================================
 @main.command("eval")
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--dataset", default="fashion-mnist", show_default=True, help=_DATASET_HELP)
+@click.option("--dataset", default=None, help="Test split to evaluate on (default: the dataset the model's metadata names, else fashion-mnist). " + _DATASET_HELP)
+@_workers_option
 @click.option("--limit", type=click.IntRange(1), default=None, help="Evaluate on the first N test images only.")
 @click.option("--threads", type=click.IntRange(1), default=1, show_default=True, help="Intra-op threads for the latency session.")
 @click.option("--batch", type=click.IntRange(1), default=1, show_default=True, help="Images per forward pass for latency.")
 @click.option("--reference", type=click.Path(dir_okay=False), default=None, help="Float ONNX model: report the share of equal top-1 predictions.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the result to this JSON file (atomically).")
-def eval_cmd(model: str, dataset: str, limit, threads: int, batch: int, reference, json_path) -> None:
+def eval_cmd(model: str, dataset, limit, threads: int, batch: int, reference, json_path, workers) -> None:
     """Evaluate an ONNX model (fp32 or int8): accuracy, agreement, latency, size, params, MACs, machine."""
     from compress.io import write_json
     from eval.evaluate import evaluate_onnx
 
-    result = evaluate_onnx(model, dataset=dataset, limit=limit, threads=threads, batch=batch, reference=reference)
+    result = evaluate_onnx(model, dataset=dataset, limit=limit, threads=threads, batch=batch, reference=reference,
+                           workers=workers)
     if json_path:
         write_json(json_path, result)
     click.echo(json.dumps(result, indent=2))
@@ -177,17 +206,18 @@ def compare(dirs, output_dir: str) -> None:
 # == quantize ======================================================================================
 @main.command()
 @click.option("--recipe", "-r", default="int8", show_default=True, help="Recipe name (see 'mnv3-compress recipes') or path to a recipe TOML file.")
-@click.option("--arch", type=click.Choice(ARCH_CHOICES), default=None, help="Architecture (default: the checkpoint's, else mobilenet_v3_small).")
-@click.option("--weights", type=click.Path(dir_okay=False), default=None, help="Float checkpoint (torchvision, timm or ours). Default: the embedded default model.")
-@click.option("--dataset", default="fashion-mnist", show_default=True, help="Calibration (train split) and evaluation (test split) data. " + _DATASET_HELP)
+@_model_options
+@click.option("--random-init", is_flag=True, help="Freshly initialised weights (latency work on any architecture; data: synthetic unless --dataset).")
+@click.option("--dataset", default=None, help="Calibration (train split) and evaluation (test split) data (default: the checkpoint's, else fashion-mnist). " + _DATASET_HELP)
+@_workers_option
 @click.option("--input-size", type=click.IntRange(8), default=None, help="Square input side (default: the checkpoint's, else the dataset's).")
 @click.option("--calibration-size", type=click.IntRange(1), default=None, help="Train images used for calibration (default: the recipe's).")
 @click.option("--limit-test", type=click.IntRange(1), default=None, help="Evaluate on the first N test images only (default: the whole test split).")
 @click.option("--threads", type=click.IntRange(1), default=1, show_default=True, help="Intra-op threads for the latency measurement.")
 @click.option("--output-dir", "-o", type=click.Path(file_okay=False), default=None, help="Where the models and reports go (default: runs/quantize-RECIPE).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Where QAT recipes train (auto: CUDA when there is one). Export and evaluation run on the CPU.")
-def quantize(recipe: str, arch, weights, dataset: str, input_size, calibration_size, limit_test, threads: int,
-             output_dir, device: str) -> None:
+def quantize(recipe: str, weights, arch, dataset, input_size, calibration_size, limit_test, threads: int,
+             output_dir, device: str, **model_options) -> None:
     """Quantize a float model to int8 (QDQ ONNX) with a recipe, and measure both: accuracy, agreement, latency.
 
     Writes model_fp32.onnx, model_int8.onnx, recipe.toml (the resolved recipe), report.json and report.md.
@@ -205,7 +235,7 @@ def quantize(recipe: str, arch, weights, dataset: str, input_size, calibration_s
     out = output_dir or f"runs/quantize-{Path(recipe).stem}"
     r = run_quantize(recipe, weights=weights, arch=arch, dataset=dataset, input_size=input_size,
                      calibration_size=calibration_size, output_dir=out, eval_limit=limit_test, threads=threads,
-                     device=device)
+                     device=device, **model_options)
     for v in r["variants"]:
         top1 = v["accuracy"]["top1"]
         lat = (v.get("latency_ms") or {}).get("median")
@@ -238,14 +268,15 @@ def recipes() -> None:
 # == prune =========================================================================================
 @main.command()
 @click.option("--recipe", "-r", default="netadapt", show_default=True, help="Recipe with a [prune] section (netadapt, netadapt-int8) or path to a recipe TOML file.")
-@click.option("--arch", type=click.Choice(ARCH_CHOICES), default=None, help="Architecture (default: the checkpoint's, else mobilenet_v3_small).")
-@click.option("--weights", type=click.Path(dir_okay=False), default=None, help="Trained float checkpoint. Default: the embedded default model.")
-@click.option("--dataset", default="fashion-mnist", show_default=True, help="Fine-tuning and holdout (train split), final evaluation (test split). " + _DATASET_HELP)
+@_model_options
+@click.option("--dataset", default=None, help="Fine-tuning and holdout (train split), final evaluation (test split) (default: the checkpoint's, else fashion-mnist). " + _DATASET_HELP)
+@_workers_option
 @click.option("--input-size", type=click.IntRange(8), default=None, help="Square input side (default: the checkpoint's, else the dataset's).")
 @click.option("--target-latency-ratio", type=click.FloatRange(0, 1, min_open=True), default=None, help="Stop at this fraction of the unpruned latency (default: the recipe's).")
 @click.option("--limit-test", type=click.IntRange(1), default=None, help="Evaluate the result on the first N test images only (default: the whole test split).")
 @click.option("--output-dir", "-o", type=click.Path(file_okay=False), default=None, help="Where the models and reports go (default: runs/prune-RECIPE).")
-def prune(recipe: str, arch, weights, dataset: str, input_size, target_latency_ratio, limit_test, output_dir) -> None:
+def prune(recipe: str, weights, arch, dataset, input_size, target_latency_ratio, limit_test, output_dir,
+          **model_options) -> None:
     """NetAdapt channel pruning to a measured-latency target (onnxruntime CPU), then a longer fine-tune.
 
     Writes model_fp32.onnx (pruned), reference_fp32.onnx, arch.json, model.pt, recipe.toml, report.json (every
@@ -258,7 +289,7 @@ def prune(recipe: str, arch, weights, dataset: str, input_size, target_latency_r
     out = output_dir or f"runs/prune-{Path(recipe).stem}"
     overrides = {} if target_latency_ratio is None else {"target_latency_ratio": target_latency_ratio}
     r = run_prune(recipe, weights=weights, arch=arch, dataset=dataset, input_size=input_size, output_dir=out,
-                  eval_limit=limit_test, **overrides)
+                  eval_limit=limit_test, model_options=model_options, **overrides)
     for v in r["variants"]:
         top1 = v["accuracy"]["top1"]
         lat = (v.get("latency_ms") or {}).get("median")

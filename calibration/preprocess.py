@@ -6,6 +6,7 @@ model says how to feed it.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
@@ -103,3 +104,18 @@ class Preprocess:
         if top < 0 or left < 0:
             raise ValueError(f"resize {self.resize} is smaller than the crop {self.input_size}")
         return x[..., top:top + th, left:left + tw]
+
+
+def imagenet_preprocess(input_size: int = 224) -> Preprocess:
+    """ImageNet's evaluation transform, as torchvision's weights define it: resize the shorter side to
+    ``input_size / 0.875`` (256 for 224), center crop ``input_size``, ImageNet mean / std."""
+    return Preprocess((input_size, input_size), IMAGENET_MEAN, IMAGENET_STD, grayscale_to_rgb=False,
+                      interpolation="bilinear", resize=int(round(input_size / 0.875)))
+
+
+def at_input_size(pre: Preprocess, input_size: int) -> Preprocess:
+    """``pre`` for another input side: a resize-then-crop keeps its crop ratio."""
+    if tuple(pre.input_size) == (input_size, input_size):
+        return pre
+    resize = None if pre.resize is None else int(round(input_size * pre.resize / pre.input_size[0]))
+    return dataclasses.replace(pre, input_size=(input_size, input_size), resize=resize)

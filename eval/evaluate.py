@@ -5,6 +5,7 @@ import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from compress.errors import UserError
+from compress.onnx.metadata import get_metadata
 from eval.accuracy import agreement, check_input_fits, predict, topk_accuracy
 from eval.latency import measure_latency
 from eval.model_info import (
@@ -32,9 +33,10 @@ def _model_outputs(proto) -> int | None:
     return last.dim_value if last is not None and last.HasField("dim_value") else None
 
 
-def dataset_for(model: ModelLike, dataset: str | DataSource = "fashion-mnist") -> DataSource:
+def dataset_for(model: ModelLike, dataset: str | DataSource | None = None, workers: int | None = None) -> DataSource:
     """The dataset at the model's input size, preprocessed as the model's metadata says.
 
+    ``dataset=None``: the dataset the model's metadata names (``mnv3_compress.dataset``), else fashion-mnist.
     The metadata's preprocessing wins over the dataset's definition, except that grayscale images are still
     expanded to RGB when the dataset needs it (that is a property of the data, not of the model).
     """
@@ -51,7 +53,10 @@ def dataset_for(model: ModelLike, dataset: str | DataSource = "fashion-mnist") -
             if hw[0] != hw[1] and meta is None:
                 raise UserError(f"model input {hw[0]}x{hw[1]} is not square and it has no preprocessing metadata")
             side = max(hw)
-        source = open_dataset(dataset, side)
+        named = get_metadata(proto).get("dataset")
+        if dataset is None and named and named.split(":")[0] in ("fashion-mnist", "imagefolder", "synthetic"):
+            dataset = named
+        source = open_dataset(dataset or "fashion-mnist", side, workers)
     if meta is not None:
         pre = dataclasses.replace(meta, grayscale_to_rgb=meta.grayscale_to_rgb or source.preprocess.grayscale_to_rgb)
         source = dataclasses.replace(source, preprocess=pre)
@@ -62,9 +67,9 @@ def dataset_for(model: ModelLike, dataset: str | DataSource = "fashion-mnist") -
     return source
 
 
-def evaluate_onnx(model: ModelLike, dataset: str | DataSource = "fashion-mnist", limit: int | None = None,
-                  threads: int = 1, batch: int = 1, reference: ModelLike | None = None, latency: bool = True
-                  ) -> dict[str, Any]:
+def evaluate_onnx(model: ModelLike, dataset: str | DataSource | None = None, limit: int | None = None,
+                  threads: int = 1, batch: int = 1, reference: ModelLike | None = None, latency: bool = True,
+                  workers: int | None = None) -> dict[str, Any]:
     """Accuracy on the first ``limit`` test images, agreement with ``reference`` (share of equal top-1),
     latency at ``threads`` x ``batch``, size, params, MACs and the machine.
 
@@ -79,7 +84,7 @@ def evaluate_onnx(model: ModelLike, dataset: str | DataSource = "fashion-mnist",
         raise UserError(f"limit must be >= 1, got {limit}")
     data = model_bytes(model)  # validates: missing / corrupt files raise UserError here
     proto = load_model(data)
-    source = dataset_for(proto, dataset)
+    source = dataset_for(proto, dataset, workers)
     logits, labels = predict(data, source, limit=limit, batch_size=ACCURACY_BATCH)
     accuracy = topk_accuracy(logits, labels, ks=(1, 5))
     agree = None

@@ -159,14 +159,17 @@ def _markdown(title: str, groups: Sequence[tuple[list[dict], dict | None]], note
 
 # -- run reports ----------------------------------------------------------------------------------------
 
-def run_header(command: str, recipe, spec, weights, model_source: str, input_size, dataset: str) -> dict:
-    """The keys every command's report starts with: title, command, recipe and the model it started from."""
+def run_header(command: str, recipe, spec, weights, model_source: str, input_size, dataset: dict) -> dict:
+    """The keys every command's report starts with: title, command, recipe, the model it started from and the
+    data's identity (``dataset``: ``{"name", "fingerprint"}``)."""
     return {
-        "title": f"{command} --recipe {recipe.name}: {spec.arch} @ {input_size[0]}x{input_size[1]} on {dataset}",
+        "title": f"{command} --recipe {recipe.name}: {spec.arch} @ {input_size[0]}x{input_size[1]} on "
+                 f"{dataset['name']}",
         "command": command,
         "recipe": {"name": recipe.name, "source": recipe.source, "file": "recipe.toml"},
         "model": {"arch": spec.arch, "weights": str(weights) if weights else "default", "source": model_source,
-                  "input_size": list(input_size), "dataset": dataset},
+                  "input_size": list(input_size), "dataset": dataset["name"],
+                  "dataset_fingerprint": dataset["fingerprint"]},
     }
 
 

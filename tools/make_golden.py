@@ -4,11 +4,14 @@ Run with an environment that has torchvision and timm (no network: no pretrained
 
     /work/refvenv/bin/python tools/make_golden.py            # all references
     /work/refvenv/bin/python tools/make_golden.py mobilenet_v3_small mobilenetv3_small_100
+    /work/refvenv/bin/python tools/make_golden.py mobilenet_v3_large_1000   # an ImageNet head at 224x224
 
 Every state_dict entry of each reference model is set to ``synth_tensor(key, shape)``, defined once in
 tests/compress/models/test_reference_layouts.py and read from there (that module needs pytest, which the reference
 environment lacks, so the ``synth_*`` functions are lifted out of its source).  The model runs in eval mode on
-``synth_input()`` and the file records the state_dict layout, the parameter count and the logits.
+``synth_input(size)`` and the file records the state_dict layout, the parameter count and the logits.  Most
+references have a 10-class head at 64x64 (small files); ``<name>_1000`` are the four checkpoints users bring with
+their 1000-class ImageNet head, at the ImageNet input size 224.
 """
 from __future__ import annotations
 import __future__
@@ -42,34 +45,39 @@ def _synth_namespace() -> dict[str, Any]:
     return ns
 
 
-def _torchvision(arch: str, width_mult: float) -> Callable[[], torch.nn.Module]:
-    def build() -> torch.nn.Module:
+def _torchvision(arch: str, width_mult: float) -> Callable[[int], torch.nn.Module]:
+    def build(num_classes: int) -> torch.nn.Module:
         from torchvision.models import mobilenetv3 as tv
         setting, last_channel = tv._mobilenet_v3_conf(arch, width_mult=width_mult)
-        return tv.MobileNetV3(setting, last_channel, num_classes=10)
+        return tv.MobileNetV3(setting, last_channel, num_classes=num_classes)
     return build
 
 
-def _timm(name: str) -> Callable[[], torch.nn.Module]:
-    def build() -> torch.nn.Module:
+def _timm(name: str) -> Callable[[int], torch.nn.Module]:
+    def build(num_classes: int) -> torch.nn.Module:
         import timm
-        return timm.create_model(name, pretrained=False, num_classes=10)
+        return timm.create_model(name, pretrained=False, num_classes=num_classes)
     return build
 
 
-# name -> (library, builder, our arch, width_mult, minimalistic, odd input size or None)
-REFERENCES: dict[str, tuple[str, Callable[[], torch.nn.Module], str, float, bool, int | None]] = {
-    "mobilenet_v3_large": ("torchvision", _torchvision("mobilenet_v3_large", 1.0), "mobilenet_v3_large", 1.0, False, None),
-    "mobilenet_v3_small": ("torchvision", _torchvision("mobilenet_v3_small", 1.0), "mobilenet_v3_small", 1.0, False, None),
-    "mobilenet_v3_large_075": ("torchvision", _torchvision("mobilenet_v3_large", 0.75), "mobilenet_v3_large", 0.75, False, None),
-    "mobilenet_v3_small_075": ("torchvision", _torchvision("mobilenet_v3_small", 0.75), "mobilenet_v3_small", 0.75, False, None),
-    "mobilenetv3_large_100": ("timm", _timm("mobilenetv3_large_100"), "mobilenet_v3_large", 1.0, False, None),
-    "mobilenetv3_small_100": ("timm", _timm("mobilenetv3_small_100"), "mobilenet_v3_small", 1.0, False, None),
-    "mobilenetv3_large_075": ("timm", _timm("mobilenetv3_large_075"), "mobilenet_v3_large", 0.75, False, None),
-    "mobilenetv3_small_075": ("timm", _timm("mobilenetv3_small_075"), "mobilenet_v3_small", 0.75, False, None),
+# name -> (library, builder, our arch, width_mult, minimalistic, odd input size or None, num_classes, input size)
+REFERENCES: dict[str, tuple[str, Callable[[int], torch.nn.Module], str, float, bool, int | None, int, int]] = {
+    "mobilenet_v3_large": ("torchvision", _torchvision("mobilenet_v3_large", 1.0), "mobilenet_v3_large", 1.0, False, None, 10, 64),
+    "mobilenet_v3_small": ("torchvision", _torchvision("mobilenet_v3_small", 1.0), "mobilenet_v3_small", 1.0, False, None, 10, 64),
+    "mobilenet_v3_large_075": ("torchvision", _torchvision("mobilenet_v3_large", 0.75), "mobilenet_v3_large", 0.75, False, None, 10, 64),
+    "mobilenet_v3_small_075": ("torchvision", _torchvision("mobilenet_v3_small", 0.75), "mobilenet_v3_small", 0.75, False, None, 10, 64),
+    "mobilenetv3_large_100": ("timm", _timm("mobilenetv3_large_100"), "mobilenet_v3_large", 1.0, False, None, 10, 64),
+    "mobilenetv3_small_100": ("timm", _timm("mobilenetv3_small_100"), "mobilenet_v3_small", 1.0, False, None, 10, 64),
+    "mobilenetv3_large_075": ("timm", _timm("mobilenetv3_large_075"), "mobilenet_v3_large", 0.75, False, None, 10, 64),
+    "mobilenetv3_small_075": ("timm", _timm("mobilenetv3_small_075"), "mobilenet_v3_small", 0.75, False, None, 10, 64),
     # timm's only minimal models are TF ports (BN eps 1e-3, 'SAME' padding); 65 = 2**6 + 1 makes SAME symmetric
-    "tf_mobilenetv3_large_minimal_100": ("timm", _timm("tf_mobilenetv3_large_minimal_100"), "mobilenet_v3_large", 1.0, True, 65),
-    "tf_mobilenetv3_small_minimal_100": ("timm", _timm("tf_mobilenetv3_small_minimal_100"), "mobilenet_v3_small", 1.0, True, 65),
+    "tf_mobilenetv3_large_minimal_100": ("timm", _timm("tf_mobilenetv3_large_minimal_100"), "mobilenet_v3_large", 1.0, True, 65, 10, 64),
+    "tf_mobilenetv3_small_minimal_100": ("timm", _timm("tf_mobilenetv3_small_minimal_100"), "mobilenet_v3_small", 1.0, True, 65, 10, 64),
+    # the checkpoints users bring, with their ImageNet head at the ImageNet size
+    "mobilenet_v3_large_1000": ("torchvision", _torchvision("mobilenet_v3_large", 1.0), "mobilenet_v3_large", 1.0, False, None, 1000, 224),
+    "mobilenet_v3_small_1000": ("torchvision", _torchvision("mobilenet_v3_small", 1.0), "mobilenet_v3_small", 1.0, False, None, 1000, 224),
+    "mobilenetv3_large_100_1000": ("timm", _timm("mobilenetv3_large_100"), "mobilenet_v3_large", 1.0, False, None, 1000, 224),
+    "mobilenetv3_small_100_1000": ("timm", _timm("mobilenetv3_small_100"), "mobilenet_v3_small", 1.0, False, None, 1000, 224),
 }
 
 
@@ -78,19 +86,20 @@ def _rounded(t: torch.Tensor) -> list[list[float]]:
 
 
 def make_golden(name: str, ns: dict[str, Any]) -> dict[str, Any]:
-    library, build, arch, width_mult, minimalistic, odd = REFERENCES[name]
-    model = build().eval()
+    library, build, arch, width_mult, minimalistic, odd, num_classes, size = REFERENCES[name]
+    model = build(num_classes).eval()
     layout = [(k, list(v.shape)) for k, v in model.state_dict().items()]
     sd = ns["synth_state_dict"](layout)
     model.load_state_dict(sd, strict=True)
     with torch.no_grad():
-        logits = model(ns["synth_input"]())
+        x = ns["synth_input"](size)
+        logits = model(x)
         g: dict[str, Any] = {
             "name": name, "library": library, "arch": arch, "width_mult": width_mult, "minimalistic": minimalistic,
-            "num_classes": 10, "params": sum(p.numel() for p in model.parameters()),
+            "num_classes": num_classes, "params": sum(p.numel() for p in model.parameters()),
             "bn_eps": sorted({m.eps for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)}),
             "versions": {"torch": torch.__version__, library: __import__(library).__version__},
-            "synth_checksum": ns["synth_checksum"](sd), "input": [2, 3, 64, 64], "logits": _rounded(logits),
+            "synth_checksum": ns["synth_checksum"](sd), "input": list(x.shape), "logits": _rounded(logits),
         }
         if odd:
             g["odd_size"] = odd

@@ -24,7 +24,8 @@ import torch
 from compress.errors import UserError
 from compress.io import atomic_path
 from compress.models.mobilenetv3 import ARCHS, ArchSpec, MobileNetV3, arch_spec
-from compress.models.timm import TIMM_BN_EPS, is_timm_layout, timm_to_torchvision, timm_widths
+from compress.models.infer import InferredArch, check_requested, infer_architecture
+from compress.models.timm import TIMM_BN_EPS, is_timm_layout, timm_to_torchvision
 
 _WRAPPER_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema")
 
@@ -80,13 +81,6 @@ def unwrap_state_dict(obj: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     return sd, meta
 
 
-def infer_num_classes(sd: Mapping[str, torch.Tensor]) -> int | None:
-    for key in ("classifier.3.weight", "classifier.weight"):
-        if key in sd and sd[key].ndim == 2:
-            return int(sd[key].shape[0])
-    return None
-
-
 def fit_report(model_sd: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor], limit: int = 3) -> str | None:
     """Describe the first mismatching keys/shapes between a model and a state_dict (None if they fit)."""
     missing = [k for k in model_sd if k not in sd]
@@ -107,8 +101,10 @@ def load_model(weights: str | os.PathLike | None = None, arch: str | None = None
                minimalistic: bool | None = None, num_classes: int | None = None) -> LoadedModel:
     """Build a model and load ``weights`` into it (random init when ``weights`` is None).
 
-    Architecture facts come from the arguments, then from the checkpoint's own metadata, then defaults
-    (``mobilenet_v3_small``, width 1.0).  ``num_classes`` is inferred from the classifier when not given.
+    The architecture (large / small, width multiplier, minimalistic, classes) is read from the weights: our
+    checkpoints record it (``spec``, pruned networks included); torchvision- and timm-layout state_dicts are read
+    by :func:`compress.models.infer.infer_architecture`.  An explicit option that contradicts the weights is a
+    one-line error saying what they are.  Without weights: ``arch`` (default ``mobilenet_v3_small``), width 1.0.
     """
     if arch is not None and arch not in ARCHS:
         raise UserError(f"unknown architecture {arch!r}; choose one of: {', '.join(ARCHS)}")
@@ -120,28 +116,20 @@ def load_model(weights: str | os.PathLike | None = None, arch: str | None = None
     bn_eps = float(meta.get("bn_eps", 0.001))
     if is_timm_layout(sd):
         sd, source, bn_eps = timm_to_torchvision(sd), "timm", TIMM_BN_EPS
-    inferred = infer_num_classes(sd)
-    if num_classes is not None and inferred is not None and num_classes != inferred:
-        raise UserError(f"--num-classes {num_classes} does not fit {weights}: its classifier has {inferred} classes")
-    if "spec" in meta and arch in (None, meta.get("arch")):
+    if "spec" in meta:
         try:
             spec = ArchSpec.from_dict(dict(meta["spec"]))
         except (TypeError, ValueError) as e:
             raise UserError(f"{weights}: invalid architecture description: {e}") from None
+        found = InferredArch(spec.arch, spec.width_mult, spec.minimalistic, spec.num_classes, spec)
     else:
-        a = arch or meta.get("arch") or "mobilenet_v3_small"
-        if a not in ARCHS:
-            raise UserError(f"{weights}: unknown architecture {a!r}; choose one of: {', '.join(ARCHS)}")
-        wm = width_mult if width_mult is not None else float(meta.get("width_mult", 1.0))
-        mini = minimalistic if minimalistic is not None else bool(meta.get("minimalistic", False))
-        spec = arch_spec(a, wm, mini, num_classes or inferred or 1000, bn_eps=bn_eps)
-        if source == "timm":
-            spec = timm_widths(spec, sd)
+        found = infer_architecture(sd, bn_eps)
+        spec = found.spec
+    check_requested(found, weights, arch, width_mult, minimalistic, num_classes)
     model = MobileNetV3(spec)
     problem = fit_report(model.state_dict(), sd)
     if problem:
-        desc = f"{spec.arch} (width_mult={spec.width_mult}{', minimalistic' if spec.minimalistic else ''})"
-        raise UserError(f"weights {weights} do not fit {desc}: {problem}")
+        raise UserError(f"weights {weights} do not fit their recorded architecture ({found.describe()}): {problem}")
     model.load_state_dict(sd)
     return LoadedModel(model, spec, source, meta)
 

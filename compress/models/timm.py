@@ -4,21 +4,19 @@
 timm is detected by ``conv_stem.weight`` and mapped key by key.  timm's BatchNorm uses ``eps=1e-5`` where
 torchvision uses ``1e-3``, and its head is a 1x1 ``conv_head`` with bias instead of a Linear; both are
 reproduced so outputs match timm's.  At other widths timm rounds channel counts differently, so they are read
-from the weights (:func:`timm_widths`).  timm's ``tf_*`` ports (BN eps 1e-3, TF 'SAME' padding) have the same
+from the weights (:func:`compress.models.infer.infer_architecture`).  timm's ``tf_*`` ports (BN eps 1e-3, TF 'SAME' padding) have the same
 keys and cannot be told apart from a state_dict: they load, but do not reproduce timm's outputs.
 """
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections import OrderedDict
 from typing import Mapping
 
 import torch
 
-from compress.models.mobilenetv3 import ArchSpec
 
-__all__ = ["TIMM_BN_EPS", "is_timm_layout", "timm_to_torchvision", "timm_widths"]
+__all__ = ["TIMM_BN_EPS", "is_timm_layout", "timm_to_torchvision"]
 
 TIMM_BN_EPS = 1e-5
 
@@ -77,36 +75,3 @@ def timm_to_torchvision(sd: Mapping[str, torch.Tensor]) -> "OrderedDict[str, tor
             else:
                 out[f"blocks.{key[0]}.{key[1]}.{s}"] = v
     return out
-
-
-def timm_widths(spec: ArchSpec, sd: Mapping[str, torch.Tensor]) -> ArchSpec:
-    """Take the channel counts of ``spec`` from a (mapped) timm state_dict.
-
-    At ``width_mult != 1`` timm sizes each expansion as ``make_divisible(rounded in_ch * ratio)`` where
-    torchvision uses ``make_divisible(table expansion * width_mult)`` (``mobilenetv3_large_075``: 64 vs 48
-    in block 2), and it keeps the classifier's hidden width at 1280 / 1024 where torchvision scales it.
-    Kernels, strides and activations stay the table's; ``spec`` is returned unchanged when the weights do not
-    have its block structure, so the fit check names the mismatch.
-    """
-    n = len(spec.blocks)
-    keys = {"stem": "features.0.0.weight", "last": f"features.{n + 1}.0.weight", "hidden": "classifier.0.weight"}
-    if any(k not in sd for k in keys.values()) or f"features.{n + 2}.0.weight" in sd:
-        return spec
-    blocks, in_ch = [], int(sd[keys["stem"]].shape[0])
-    for i, b in enumerate(spec.blocks):
-        pre = f"features.{i + 1}.block"
-        convs = sorted((int(k.split(".")[3]), v) for k, v in sd.items()
-                       if re.fullmatch(rf"{re.escape(pre)}\.\d+\.0\.weight", k))
-        dw = [v for _, v in convs if v.ndim == 4 and v.shape[1] == 1 and v.shape[0] > 1]
-        fc1 = [v for k, v in sd.items() if re.fullmatch(rf"{re.escape(pre)}\.\d+\.fc1\.weight", k)]
-        if len(dw) != 1 or len(convs) < 2 or len(fc1) > 1:
-            return spec
-        se = int(fc1[0].shape[0]) if fc1 else 0
-        blocks.append(dataclasses.replace(b, in_ch=in_ch, expanded=int(dw[0].shape[0]),
-                                          out_ch=int(convs[-1][1].shape[0]), se_channels=se))
-        in_ch = blocks[-1].out_ch
-    try:
-        return spec.replace(blocks=tuple(blocks), last_conv=int(sd[keys["last"]].shape[0]),
-                            last_channel=int(sd[keys["hidden"]].shape[0]))
-    except ValueError:
-        return spec

@@ -91,21 +91,51 @@ def export_onnx(model: MobileNetV3, output: str | os.PathLike, preprocess: Prepr
 
 def export_model(output: str | os.PathLike, weights: str | None = None, arch: str | None = None,
                  width_mult: float | None = None, minimalistic: bool | None = None, num_classes: int | None = None,
-                 dataset: str = "fashion-mnist", input_size: int | None = None, random_init: bool = False) -> Path:
-    """The ``export`` command: resolve the model (or the embedded default) and write its fp32 ONNX.
-
-    ``random_init`` exports freshly initialised weights (for latency work on any architecture).
-    """
-    from calibration.datasets import open_dataset
+                 dataset: str | None = None, input_size: int | None = None, random_init: bool = False,
+                 train_default: bool = False) -> Path:
+    """The ``export`` command: the model (``weights``, the embedded default, or ``random_init`` for latency work
+    on any architecture) as fp32 ONNX.  It needs no data: the metadata's preprocessing is ``dataset``'s when
+    given, else the one the checkpoint records, else ImageNet's for a 1000-class model (torchvision / timm)."""
     from compress.models.checkpoint import load_model
     from compress.training.default_model import resolve_model
 
     if random_init:
         if weights is not None:
             raise UserError("use either --weights or --random-init, not both")
-        source = open_dataset(dataset, input_size)
-        loaded = load_model(None, arch, width_mult, minimalistic, num_classes or source.num_classes or 1000)
+        loaded = load_model(None, arch, width_mult, minimalistic, num_classes or _classes(dataset) or 1000)
+    elif weights is None:
+        loaded, _ = resolve_model(None, arch, width_mult, minimalistic, num_classes, dataset, input_size,
+                                  train_default=train_default)
     else:
-        loaded, source = resolve_model(weights, arch, width_mult, minimalistic, num_classes, dataset, input_size)
-    return export_onnx(loaded.model, output, source.preprocess,
-                       extra_meta={"source": loaded.source, "dataset": source.name})
+        loaded = load_model(weights, arch, width_mult, minimalistic, num_classes)
+    pre, data = _export_preprocess(loaded, dataset, input_size, weights)
+    return export_onnx(loaded.model, output, pre, extra_meta={"source": loaded.source, "dataset": data})
+
+
+def _classes(dataset: str | None) -> int | None:
+    from calibration.datasets import open_dataset
+
+    return open_dataset(dataset).num_classes if dataset else None
+
+
+def _export_preprocess(loaded, dataset: str | None, input_size: int | None, weights) -> tuple[Preprocess, str]:
+    """(preprocessing, data name) the exported model records: see :func:`export_model`."""
+    from calibration.datasets import open_dataset
+    from calibration.preprocess import at_input_size, imagenet_preprocess
+
+    size = input_size or loaded.meta.get("input_size")
+    if dataset is not None:
+        source = open_dataset(dataset, int(size) if size else None)
+        return source.preprocess, source.name
+    recorded = loaded.meta.get("preprocess")
+    if isinstance(recorded, str):
+        try:
+            pre = Preprocess.from_json(recorded)
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{weights}: invalid recorded preprocessing ({e}); pass --dataset") from None
+        return (at_input_size(pre, int(input_size)) if input_size else pre), str(loaded.meta.get("dataset", "?"))
+    if loaded.spec.num_classes == 1000:
+        return imagenet_preprocess(int(size or 224)), "imagenet"
+    what = "the model" if weights is None else f"{weights}"
+    raise UserError(f"{what} records no preprocessing and has {loaded.spec.num_classes} classes, not ImageNet's 1000: "
+                    f"pass --dataset D (the data it was trained on: fashion-mnist, imagefolder:PATH) to record D's")

@@ -166,13 +166,14 @@ def _summary(g: dict[str, Any]) -> dict[str, Any]:
 
 
 def prune(recipe: Any = "netadapt", weights: str | os.PathLike | None = None, arch: str | None = None,
-          dataset: str = "fashion-mnist", input_size: int | None = None,
+          dataset: str | None = None, input_size: int | None = None,
           output_dir: str | os.PathLike | None = None, eval_limit: int | None = None,
-          progress: bool = True, **overrides: Any) -> dict[str, Any]:
+          progress: bool = True, model_options: dict[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
     """Run NetAdapt with ``recipe``'s ``[prune]`` section on a trained float model and write the outputs.
 
     ``weights=None`` uses the embedded default.  ``overrides`` replace ``[prune]`` keys (e.g.
-    ``target_latency_ratio=0.8``).  ``eval_limit`` caps the final test-split evaluation (all when None).
+    ``target_latency_ratio=0.8``); ``model_options`` (``width_mult``, ``minimalistic``, ``num_classes``,
+    ``workers``, ``train_default``) go to :func:`compress.training.default_model.resolve_model`.  ``eval_limit`` caps the final test-split evaluation (all when None).
     Returns the report (``report.json``'s content) plus ``output_dir``.
     """
     t_start = time.time()
@@ -185,7 +186,8 @@ def prune(recipe: Any = "netadapt", weights: str | os.PathLike | None = None, ar
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     try:
-        loaded, source = resolve_model(weights, arch, dataset=dataset, input_size=input_size, progress=progress)
+        loaded, source = resolve_model(weights, arch, dataset=dataset, input_size=input_size, progress=progress,
+                                       **(model_options or {}))
         if not source.has_labels:
             raise UserError("pruning needs labelled data for its fine-tunes: use fashion-mnist or imagefolder:PATH")
         search = _Search(rec, loaded.model.eval(), source, progress, finetune_settings(loaded.meta))
@@ -330,7 +332,8 @@ class _Run:
         """netadapt-int8: the recipe's [quantize] / [calibration] applied to the pruned checkpoint (int8/)."""
         from compress.quant.pipeline import quantize
 
-        q = quantize(self.rec.replace(command="quantize"), weights=self.out / "model.pt", dataset=self.source.name, input_size=self.size[0],
+        q = quantize(self.rec.replace(command="quantize"), weights=self.out / "model.pt", dataset=self.source.name,
+                     input_size=self.size[0], workers=self.source.workers,
                      output_dir=self.out / "int8", eval_limit=self.eval_limit, threads=self.cfg.threads,
                      latency=False, progress=self.progress)
         qv = next(v for v in q["variants"] if v["name"] == "int8")
@@ -377,7 +380,7 @@ class _Run:
         speedup = lat["fp32"]["median"] / lat["netadapt-fp32"]["median"]
         return {
             **run_header("prune", self.rec, seed_model.spec, self.weights, self.loaded.source, self.size,
-                         self.source.name),
+                         self.source.identity),
             "outputs": {"pruned_onnx": "model_fp32.onnx", "reference_onnx": "reference_fp32.onnx",
                         "architecture": "arch.json", "checkpoint": "model.pt"},
             "deployment": {"threads": cfg.threads, "batch": cfg.batch, "runtime": "onnxruntime CPU"},

@@ -108,7 +108,7 @@ def _qat(s: Setup) -> Outcome:
     rec, size = s.recipe, s.source.preprocess.input_size
     reduce_range, _ = resolve_reduce_range(rec.quantize.reduce_range, s.cpu)
     fingerprint = qat_fingerprint(s.model, rec.quantize, rec.qat, reduce_range,
-                                  data=f"{s.source.name}@{size[0]}x{size[1]}")
+                                  data=f"{s.source.name}|{s.source.fingerprint}@{size[0]}x{size[1]}")
     qat = run_qat(s.model, s.source, rec.quantize, rec.qat, s.out / QAT_CHECKPOINT, fingerprint, reduce_range,
                   s.progress, dist=s.device)
     train_s = time.time() - t0
@@ -180,10 +180,10 @@ def _evaluate(models: dict[str, bytes], source, eval_limit, threads: int, latenc
 
 
 def quantize(recipe: str | os.PathLike | Recipe = "int8", weights: str | os.PathLike | None = None,
-             arch: str | None = None, dataset: str = "fashion-mnist", input_size: int | None = None,
+             arch: str | None = None, dataset: str | None = None, input_size: int | None = None,
              calibration_size: int | None = None, output_dir: str | os.PathLike = DEFAULT_OUTPUT_DIR,
              eval_limit: int | None = None, threads: int = 1, latency: bool = True,
-             progress: bool = True, device: str = "auto") -> dict[str, Any]:
+             progress: bool = True, device: str = "auto", **model_options: Any) -> dict[str, Any]:
     """Apply ``recipe`` to a float model and write the deployable int8 model with its evidence.
 
     ``weights=None`` uses the embedded default (MobileNetV3-Small trained on Fashion-MNIST).  Writes
@@ -191,7 +191,9 @@ def quantize(recipe: str | os.PathLike | Recipe = "int8", weights: str | os.Path
     ``report.md`` into ``output_dir`` - each atomically, the report last.  Accuracy is measured on the first
     ``eval_limit`` test images (all when None); latency with ``threads`` threads at batch 1, both variants
     interleaved in one measurement.  ``device`` (auto / cpu / cuda) is where a QAT recipe trains; export and
-    evaluation run on the CPU.  Returns the report (``report.json``'s content).
+    evaluation run on the CPU.  ``model_options`` (``width_mult``, ``minimalistic``, ``num_classes``, ``workers``,
+    ``train_default``, ``random_init``) go to :func:`compress.training.default_model.resolve_model`.  Returns the
+    report (``report.json``'s content).
     """
     t_start = time.time()
     rec = (recipe if isinstance(recipe, Recipe) else load_recipe(recipe)).require_command("quantize")
@@ -202,7 +204,8 @@ def quantize(recipe: str | os.PathLike | Recipe = "int8", weights: str | os.Path
     if calibration_size is not None:
         rec = rec.with_overrides("calibration", size=int(calibration_size))
     out = ensure_dir(output_dir)
-    loaded, source = resolve_model(weights, arch, dataset=dataset, input_size=input_size, progress=progress)
+    loaded, source = resolve_model(weights, arch, dataset=dataset, input_size=input_size, progress=progress,
+                                   **model_options)
     size = source.preprocess.input_size
     timings: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="mnv3-quantize.") as wd:
@@ -242,7 +245,7 @@ def quantize(recipe: str | os.PathLike | Recipe = "int8", weights: str | os.Path
     elif outcome.finish is not None:
         calibration = None  # QAT without a baseline: nothing was calibrated
     extra = {
-        **run_header("quantize", rec, loaded.spec, weights, loaded.source, size, source.name),
+        **run_header("quantize", rec, loaded.spec, weights, loaded.source, size, source.identity),
         "evaluation": {"split": "test", "images": eval_limit or len(source.split("test")),
                        "top1_drop_pt": None if ref_top1 is None or q_top1 is None
                        else round(100 * (ref_top1 - q_top1), 3)},

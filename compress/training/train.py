@@ -24,6 +24,7 @@ from tqdm import tqdm
 from calibration.datasets import DataSource, open_dataset
 from compress.errors import UserError
 from compress.io import ensure_dir
+from compress.version import code_version
 from compress.models.checkpoint import LoadedModel, load_model, read_checkpoint, save_checkpoint
 from compress.training import distributed
 from compress.training.distributed import DistContext
@@ -253,12 +254,14 @@ def fit(model: nn.Module, source: DataSource, cfg: TrainConfig, output: str | os
 def train(arch: str | None = None, width_mult: float | None = None, minimalistic: bool | None = None,
           num_classes: int | None = None, dataset: str = "fashion-mnist", input_size: int | None = None,
           weights: str | None = None, resume: str | None = None, output: str | os.PathLike | None = None,
-          config: TrainConfig = TrainConfig(), progress: bool = True, device: str = "cpu") -> dict[str, Any]:
+          config: TrainConfig = TrainConfig(), progress: bool = True, device: str = "cpu", workers: int | None = None,
+          extra_meta: dict[str, Any] | None = None) -> dict[str, Any]:
     """Build (or load) a model, train it with ``config`` and write the checkpoint ``output``.
 
     ``resume`` continues a checkpoint written here: same architecture and data, the epoch count goes on to
-    ``config.epochs`` (the total), with optimizer and scheduler state restored.  ``device``: cpu, cuda or
-    auto.  Under ``torchrun`` every process runs this and joins the process group (rank 0 writes ``output``);
+    ``config.epochs`` (the total), with optimizer and scheduler state restored.  The checkpoint records the
+    training recipe (``train_config``), the per-epoch history, the data's identity (``dataset`` and
+    ``dataset_fingerprint``), its preprocessing and the code version.  ``device``: cpu, cuda or auto.  Under ``torchrun`` every process runs this and joins the process group (rank 0 writes ``output``);
     the result's ``rank`` and ``world_size`` say which process returned it.
     """
     resume_state = None
@@ -273,15 +276,16 @@ def train(arch: str | None = None, width_mult: float | None = None, minimalistic
         weights = resume
         if int(resume_state["epoch"]) >= config.epochs:
             raise UserError(f"{resume} already has {resume_state['epoch']} epochs; ask for more with --epochs")
-    source = open_dataset(dataset, input_size)
+    source = open_dataset(dataset, input_size, workers)
     torch.manual_seed(config.seed)  # the initial weights depend on the seed too (the same on every rank)
     loaded: LoadedModel = load_model(weights, arch, width_mult, minimalistic,
                                      num_classes or (None if weights else source.num_classes))
     if source.num_classes is not None and loaded.spec.num_classes != source.num_classes:
         raise UserError(f"the model has {loaded.spec.num_classes} classes but {source.name} has "
                         f"{source.num_classes}; pass --num-classes or other weights")
-    meta = {"dataset": source.name, "input_size": source.preprocess.input_size[0], "seed": config.seed,
-            "preprocess": source.preprocess.to_json()}
+    meta = {"dataset": source.name, "dataset_fingerprint": source.fingerprint,
+            "input_size": source.preprocess.input_size[0], "seed": config.seed,
+            "preprocess": source.preprocess.to_json(), "code_version": code_version(), **(extra_meta or {})}
     if output is not None:
         ensure_dir(Path(output).parent)  # fail now (one line), not after the first epoch
     with distributed.session(device) as ctx:
