@@ -254,10 +254,11 @@ def test_unreadable_weights(files, tmp_path):
 
 
 @pytest.mark.parametrize("args, phrases", [
-    (["--arch", "mobilenet_v3_large"], ["do not fit mobilenet_v3_large", "missing ['features."]),
-    (["--width-mult", "1.0"], ["do not fit mobilenet_v3_small (width_mult=1.0)", "shape ['features.0.0.weight"]),
+    (["--arch", "mobilenet_v3_large"], ["are mobilenet_v3_small width 0.5, 10 classes", "--arch mobilenet_v3_large "
+                                                                                        "contradicts them"]),
+    (["--width-mult", "1.0"], ["are mobilenet_v3_small width 0.5, 10 classes", "--width-mult 1 contradicts them"]),
 ], ids=["other-arch", "other-width"])
-def test_weights_that_do_not_fit_the_architecture(files, tmp_path, args, phrases):
+def test_options_that_contradict_the_weights(files, tmp_path, args, phrases):
     out = tmp_path / "m.onnx"
     assert_one_line_error(invoke(["export", "--weights", files["tv"], *args, "-o", out]), *phrases)
     assert_nothing_written(out)
@@ -266,7 +267,7 @@ def test_weights_that_do_not_fit_the_architecture(files, tmp_path, args, phrases
 def test_num_classes_conflict(files, tmp_path):
     out = tmp_path / "m.onnx"
     assert_one_line_error(invoke(["export", "--weights", files["ckpt"], "--num-classes", "5", "-o", out]),
-                          "--num-classes 5 does not fit", "10 classes")
+                          "--num-classes 5 contradicts them", "10 classes")
     assert_nothing_written(out)
 
 

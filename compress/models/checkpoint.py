@@ -125,6 +125,11 @@ def load_model(weights: str | os.PathLike | None = None, arch: str | None = None
     else:
         found = infer_architecture(sd, bn_eps)
         spec = found.spec
+        recorded = meta.get("arch")
+        if recorded is not None and recorded not in ARCHS:
+            raise UserError(f"{weights}: unknown architecture {recorded!r}; choose one of: {', '.join(ARCHS)}")
+        if recorded is not None and recorded != found.arch:
+            raise UserError(f"{weights} says it is {recorded} but its weights are {found.describe()}")
     check_requested(found, weights, arch, width_mult, minimalistic, num_classes)
     model = MobileNetV3(spec)
     problem = fit_report(model.state_dict(), sd)

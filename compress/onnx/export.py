@@ -134,6 +134,10 @@ def _export_preprocess(loaded, dataset: str | None, input_size: int | None, weig
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(f"{weights}: invalid recorded preprocessing ({e}); pass --dataset") from None
         return (at_input_size(pre, int(input_size)) if input_size else pre), str(loaded.meta.get("dataset", "?"))
+    named = loaded.meta.get("dataset")
+    if isinstance(named, str):  # a checkpoint that names its data but not its preprocessing: that data's
+        source = open_dataset(named, int(size) if size else None)
+        return source.preprocess, source.name
     if loaded.spec.num_classes == 1000:
         return imagenet_preprocess(int(size or 224)), "imagenet"
     what = "the model" if weights is None else f"{weights}"

@@ -153,11 +153,28 @@ class LatencyTable:
             data = json.loads(self.path.read_text())
         except (OSError, ValueError):
             return
-        if (data.get("version") == TABLE_VERSION and data.get("threads") == self.threads
-                and data.get("batch") == self.batch and data.get("input_size") == self.input_size
-                and data.get("machine", {}).get("onnxruntime") == self.machine.get("onnxruntime")):
-            self.entries = dict(data.get("units", {}))
-            self.base_ms = list(data.get("base_ms", []))
+        stale = self.stale_reason(data)
+        if stale:
+            if self.progress:
+                tqdm.write(f"Notice: the latency table {self.path.name} was measured {stale}: measuring it again")
+            return
+        self.entries = dict(data.get("units", {}))
+        self.base_ms = list(data.get("base_ms", []))
+
+    def stale_reason(self, data: dict[str, Any]) -> str | None:
+        """Why a stored table does not describe this deployment (None: it does): another format, thread
+        count, batch or input size, another CPU (model or int8-relevant ISA flags) or onnxruntime version."""
+        machine = data.get("machine") or {}
+        checks = [("format version", data.get("version"), TABLE_VERSION),
+                  ("thread count", data.get("threads"), self.threads), ("batch", data.get("batch"), self.batch),
+                  ("input size", data.get("input_size"), self.input_size),
+                  ("CPU", machine.get("cpu"), self.machine.get("cpu")),
+                  ("ISA flags", machine.get("isa"), self.machine.get("isa")),
+                  ("onnxruntime version", machine.get("onnxruntime"), self.machine.get("onnxruntime"))]
+        for what, stored, now in checks:
+            if stored != now:
+                return f"with another {what} ({stored}; this run: {now})"
+        return None
 
     def save(self) -> Path:
         return write_json(self.path, {

@@ -38,13 +38,28 @@ def test_own_checkpoint_restores_architecture_and_meta(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))  # atomic write left no temp file
 
 
-def test_mismatch_names_the_first_keys(tmp_path):
+def test_a_contradicting_option_says_what_the_weights_are(tmp_path):
     path = tmp_path / "small.pth"
     torch.save(mobilenet_v3_small(num_classes=10).state_dict(), path)
     with pytest.raises(UserError) as e:
         load_model(path, arch="mobilenet_v3_large")
     msg = str(e.value)
-    assert "do not fit mobilenet_v3_large" in msg and "features." in msg and "\n" not in msg
+    assert "are mobilenet_v3_small width 1, 10 classes; --arch mobilenet_v3_large contradicts them" in msg
+    assert "\n" not in msg
+
+
+def test_weights_that_do_not_fit_their_recorded_architecture_name_the_first_keys(tmp_path):
+    model = mobilenet_v3_small(num_classes=10)
+    sd = model.state_dict()
+    sd["features.1.block.0.0.weight"] = sd["features.1.block.0.0.weight"][:8]
+    path = save_checkpoint(tmp_path / "ours.pt", model)
+    state = torch.load(path, weights_only=True)
+    state["state_dict"] = sd
+    torch.save(state, path)
+    with pytest.raises(UserError) as e:
+        load_model(path)
+    msg = str(e.value)
+    assert "do not fit their recorded architecture" in msg and "features.1.block.0.0.weight" in msg
 
 
 def test_num_classes_conflict_is_reported(tmp_path):

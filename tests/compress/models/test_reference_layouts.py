@@ -133,8 +133,9 @@ def test_torchvision_layout_loads_unchanged_and_matches(name: str, tmp_path: Pat
 
     path = tmp_path / "tv.pth"
     torch.save(_synth_for(name), path)  # a plain state_dict, as torchvision publishes them
-    loaded = load_model(path, arch=g["arch"], width_mult=g["width_mult"])
+    loaded = load_model(path)  # the architecture and width are read from the weights
     assert loaded.source == "torchvision"
+    assert (loaded.spec.arch, loaded.spec.width_mult) == (g["arch"], g["width_mult"])
     assert loaded.spec.num_classes == g["num_classes"]  # inferred from classifier.3
     assert loaded.spec.bn_eps == pytest.approx(1e-3)
     _assert_logits(_logits(loaded.model), g["logits"])
@@ -145,8 +146,8 @@ def test_timm_checkpoint_detected_mapped_and_matches(name: str, tmp_path: Path) 
     g = _golden(name)
     path = tmp_path / "timm.pth"
     torch.save(_synth_for(name), path)
-    loaded = load_model(path, arch=g["arch"], width_mult=g["width_mult"])
-    assert loaded.source == "timm"
+    loaded = load_model(path)
+    assert loaded.source == "timm" and (loaded.spec.arch, loaded.spec.width_mult) == (g["arch"], g["width_mult"])
     assert loaded.spec.num_classes == g["num_classes"]
     assert loaded.spec.bn_eps == pytest.approx(1e-5)
     assert count_params(loaded.model) == g["params"]
@@ -183,17 +184,45 @@ def test_timm_tf_minimal_matches_minimalistic(name: str) -> None:
     assert _max_err(_logits(model), g["logits"]) > 1e-3 * float(ref.abs().max())  # SAME padding at 64x64
 
 
-def test_mismatched_checkpoint_names_first_keys(tmp_path: Path) -> None:
+def test_options_that_contradict_the_weights_say_what_they_are(tmp_path: Path) -> None:
     path = tmp_path / "small.pth"
     torch.save(_synth_for("mobilenet_v3_small"), path)
-    with pytest.raises(UserError, match=r"do not fit mobilenet_v3_large.*features\.\d+\.block"):
+    with pytest.raises(UserError, match=r"are mobilenet_v3_small width 1, 10 classes; --arch mobilenet_v3_large"):
         load_model(path, arch="mobilenet_v3_large")
-    with pytest.raises(UserError, match="has 10 classes"):
-        load_model(path, arch="mobilenet_v3_small", num_classes=1000)
+    with pytest.raises(UserError, match="10 classes; --num-classes 1000 contradicts"):
+        load_model(path, num_classes=1000)
+    timm = tmp_path / "small_timm.pth"
+    torch.save(_synth_for("mobilenetv3_small_100"), timm)
+    with pytest.raises(UserError, match=r"are mobilenet_v3_small .*--arch mobilenet_v3_large contradicts"):
+        load_model(timm, arch="mobilenet_v3_large")
 
 
-def test_mismatched_timm_checkpoint_names_first_keys(tmp_path: Path) -> None:
-    path = tmp_path / "small_timm.pth"
-    torch.save(_synth_for("mobilenetv3_small_100"), path)
-    with pytest.raises(UserError, match=r"do not fit mobilenet_v3_large.*features\."):
-        load_model(path, arch="mobilenet_v3_large")
+IMAGENET = ["mobilenet_v3_large_1000", "mobilenet_v3_small_1000", "mobilenetv3_large_100_1000",
+            "mobilenetv3_small_100_1000"]
+
+
+@pytest.mark.parametrize("name", IMAGENET)
+def test_imagenet_checkpoints_export_with_only_weights(name: str, tmp_path: Path) -> None:
+    """The four 1000-class checkpoints users bring (torchvision / timm Large and Small): ``mnv3-compress export
+    --weights W --output m.onnx`` - no architecture, no dataset - reproduces the library's logits at 224, and the
+    model's metadata records ImageNet's preprocessing (resize 256, center crop 224, ImageNet mean / std)."""
+    import onnx
+    import onnxruntime as ort
+    from click.testing import CliRunner
+
+    from calibration.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+    from cli import main
+    from compress.onnx.metadata import get_metadata
+
+    g = _golden(name)
+    weights, out = tmp_path / "w.pth", tmp_path / "m.onnx"
+    torch.save(_synth_for(name), weights)
+    res = CliRunner().invoke(main, ["export", "--weights", str(weights), "--output", str(out)])
+    assert res.exit_code == 0, res.output
+    meta = get_metadata(onnx.load(str(out)))
+    pre = Preprocess.from_json(meta["preprocess"])
+    assert (pre.input_size, pre.resize, pre.mean, pre.std) == ((224, 224), 256, IMAGENET_MEAN, IMAGENET_STD)
+    assert meta["arch"] == g["arch"] and meta["num_classes"] == "1000" and meta["dataset"] == "imagenet"
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    x = synth_input(g["input"][-1])
+    _assert_logits(torch.from_numpy(sess.run(None, {"input": x.numpy()})[0]), g["logits"])

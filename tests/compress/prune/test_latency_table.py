@@ -81,6 +81,23 @@ def test_prediction_is_cached_and_reused(tmp_path):
     assert names[0] == "stem" and names[-2:] == ["last_conv", "head"]
 
 
+@pytest.mark.parametrize("field, value", [("cpu", "Another CPU 9000"), ("isa", ["avx2"]), ("onnxruntime", "1.0.0")])
+def test_a_table_from_another_cpu_or_runtime_is_measured_again(tmp_path, capsys, field, value):
+    spec = arch_spec("mobilenet_v3_small", width_mult=0.35, num_classes=10)
+    path = tmp_path / "lut.json"
+    table = LatencyTable(16, threads=1, batch=1, path=path, rounds=1, round_time_s=0.002)
+    table.predict(spec)
+    data = json.loads(path.read_text())
+    assert LatencyTable(16, threads=1, batch=1, path=path).entries == data["units"]  # same machine: reused
+    data["machine"][field] = value
+    path.write_text(json.dumps(data))
+    stale = LatencyTable(16, threads=1, batch=1, path=path, rounds=1, round_time_s=0.002)
+    shown = capsys.readouterr()
+    assert stale.entries == {} and "measuring it again" in shown.out + shown.err
+    stale.predict(spec)
+    assert stale.measured_here > 0 and json.loads(path.read_text())["machine"][field] != value  # rebuilt
+
+
 def test_agreement_reports_errors_and_seed_calibration():
     r = agreement([1.1, 0.88, 0.66], [1.0, 0.8, 0.6])
     assert r["networks"] == 3
