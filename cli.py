@@ -182,19 +182,22 @@ def compare(dirs, output_dir: str) -> None:
 @click.option("--dataset", default="fashion-mnist", show_default=True, help="Calibration (train split) and evaluation (test split) data. " + _DATASET_HELP)
 @click.option("--input-size", type=click.IntRange(8), default=None, help="Square input side (default: the checkpoint's, else the dataset's).")
 @click.option("--calibration-size", type=click.IntRange(1), default=None, help="Train images used for calibration (default: the recipe's).")
+@click.option("--limit-train", type=click.IntRange(1), default=None, help="QAT recipes: train on the first N train images only (smoke runs).")
 @click.option("--limit-test", type=click.IntRange(1), default=None, help="Evaluate on the first N test images only (default: the whole test split).")
 @click.option("--threads", type=click.IntRange(1), default=1, show_default=True, help="Intra-op threads for the latency measurement.")
 @click.option("--output-dir", "-o", type=click.Path(file_okay=False), default=None, help="Where the models and reports go (default: runs/quantize-RECIPE).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Where QAT recipes train (auto: CUDA when there is one). Export and evaluation run on the CPU.")
-def quantize(recipe: str, arch, weights, dataset: str, input_size, calibration_size, limit_test, threads: int,
-             output_dir, device: str) -> None:
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Where QAT recipes train (auto: CUDA when there is one; under torchrun: GPU LOCAL_RANK). Export and evaluation run on the CPU.")
+def quantize(recipe: str, arch, weights, dataset: str, input_size, calibration_size, limit_train, limit_test,
+             threads: int, output_dir, device: str) -> None:
     """Quantize a float model to int8 (QDQ ONNX) with a recipe, and measure both: accuracy, agreement, latency.
 
     Writes model_fp32.onnx, model_int8.onnx, recipe.toml (the resolved recipe), report.json and report.md.
     QAT recipes (int8-qat, w4a8-qat) first fine-tune with fake quantization (progress bar, test top-1 per
     epoch), checkpointing every epoch to OUTPUT_DIR/qat_checkpoint.pt: run the same command again to resume
     an interrupted run (or to re-export a finished one without training).  They also write
-    model_int8_ptq.onnx, the calibrated baseline with the same settings.
+    model_int8_ptq.onnx, the calibrated baseline with the same settings.  Launched by torchrun, QAT trains
+    with DistributedDataParallel ([qat] batch_size images per process); rank 0 alone exports, evaluates,
+    writes and prints.
     """
     from pathlib import Path
 
@@ -203,7 +206,9 @@ def quantize(recipe: str, arch, weights, dataset: str, input_size, calibration_s
     out = output_dir or f"runs/quantize-{Path(recipe).stem}"
     r = run_quantize(recipe, weights=weights, arch=arch, dataset=dataset, input_size=input_size,
                      calibration_size=calibration_size, output_dir=out, eval_limit=limit_test, threads=threads,
-                     device=device)
+                     device=device, limit_train=limit_train)
+    if r.get("rank", 0) != 0:  # under torchrun: rank 0 reports for all
+        return
     for v in r["variants"]:
         top1 = v["accuracy"]["top1"]
         lat = (v.get("latency_ms") or {}).get("median")

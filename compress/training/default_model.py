@@ -35,13 +35,17 @@ def default_checkpoint_path(arch: str, source: DataSource) -> Path:
 
 
 def default_model(arch: str | None = None, dataset: str = DEFAULT_DATASET, input_size: int | None = None,
-                  progress: bool = True) -> LoadedModel:
-    """The cached float model for (arch, dataset, input size); trained with a progress bar on first use."""
+                  progress: bool = True, train: bool = True) -> LoadedModel:
+    """The cached float model for (arch, dataset, input size); trained with a progress bar on first use
+    (``train=False``: a one-line error instead, for processes launched together by torchrun)."""
     arch = arch or DEFAULT_ARCH
     source = open_dataset(dataset, input_size)
     if not source.has_labels:  # synthetic data: latency work only, accuracy is reported as null
         return load_model(None, arch, num_classes=1000)
     path = default_checkpoint_path(arch, source)
+    if not path.exists() and not train:
+        raise UserError(f"the embedded default model is not trained yet ({path}); under torchrun pass --weights, "
+                        f"or run the command once without torchrun to train it")
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         with _exclusive(path.with_name(path.stem + ".lock"), progress):
@@ -91,16 +95,18 @@ def _train_default(arch: str, dataset: str, source: DataSource, path: Path, prog
 def resolve_model(weights: str | None = None, arch: str | None = None, width_mult: float | None = None,
                   minimalistic: bool | None = None, num_classes: int | None = None,
                   dataset: str = DEFAULT_DATASET, input_size: int | None = None,
-                  progress: bool = True) -> tuple[LoadedModel, DataSource]:
+                  progress: bool = True, train_default: bool = True) -> tuple[LoadedModel, DataSource]:
     """The model a command works on and the dataset it is fed with.
 
     Given weights load as they are (architecture from the arguments or the checkpoint); without weights the
-    embedded default is used.  The input size comes from the argument, else the checkpoint, else the dataset.
+    embedded default is used (trained on first use unless ``train_default`` is False: processes launched together
+    by torchrun cannot train it one at a time).  The input size comes from the argument, else the checkpoint,
+    else the dataset.
     """
     if weights is None:
         if width_mult not in (None, 1.0) or minimalistic:
             raise UserError("the embedded default exists only for width 1.0, not minimalistic; pass --weights")
-        loaded = default_model(arch, dataset, input_size, progress)
+        loaded = default_model(arch, dataset, input_size, progress, train=train_default)
     else:
         loaded = load_model(weights, arch, width_mult, minimalistic, num_classes)
     size = input_size or loaded.meta.get("input_size")
