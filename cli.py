@@ -245,13 +245,18 @@ def recipes() -> None:
 @click.option("--dataset", default="fashion-mnist", show_default=True, help="Fine-tuning and holdout (train split), final evaluation (test split). " + _DATASET_HELP)
 @click.option("--input-size", type=click.IntRange(8), default=None, help="Square input side (default: the checkpoint's, else the dataset's).")
 @click.option("--target-latency-ratio", type=click.FloatRange(0, 1, min_open=True), default=None, help="Stop at this fraction of the unpruned latency (default: the recipe's).")
+@click.option("--limit-train", type=click.IntRange(1), default=None, help="Use only the first N train images (holdout and fine-tunes; smoke runs).")
 @click.option("--limit-test", type=click.IntRange(1), default=None, help="Evaluate the result on the first N test images only (default: the whole test split).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Where the fine-tunes run (auto: CUDA when there is one; under torchrun: GPU LOCAL_RANK). Latency is onnxruntime on the CPU.")
 @click.option("--output-dir", "-o", type=click.Path(file_okay=False), default=None, help="Where the models and reports go (default: runs/prune-RECIPE).")
-def prune(recipe: str, arch, weights, dataset: str, input_size, target_latency_ratio, limit_test, output_dir) -> None:
+def prune(recipe: str, arch, weights, dataset: str, input_size, target_latency_ratio, limit_train, limit_test,
+          device: str, output_dir) -> None:
     """NetAdapt channel pruning to a measured-latency target (onnxruntime CPU), then a longer fine-tune.
 
     Writes model_fp32.onnx (pruned), reference_fp32.onnx, arch.json, model.pt, recipe.toml, report.json (every
     iteration in 'trajectory', drawn by 'compare') and report.md; netadapt-int8 adds int8/ (the int8 recipe).
+    Launched by torchrun, the fine-tunes run with DistributedDataParallel; rank 0 alone measures latency,
+    writes and prints.
     """
     from pathlib import Path
 
@@ -259,8 +264,12 @@ def prune(recipe: str, arch, weights, dataset: str, input_size, target_latency_r
 
     out = output_dir or f"runs/prune-{Path(recipe).stem}"
     overrides = {} if target_latency_ratio is None else {"target_latency_ratio": target_latency_ratio}
+    if limit_train is not None:
+        overrides["limit_train"] = limit_train
     r = run_prune(recipe, weights=weights, arch=arch, dataset=dataset, input_size=input_size, output_dir=out,
-                  eval_limit=limit_test, **overrides)
+                  eval_limit=limit_test, device=device, **overrides)
+    if r.get("rank", 0) != 0:  # under torchrun: rank 0 reports for all
+        return
     for v in r["variants"]:
         top1 = v["accuracy"]["top1"]
         lat = (v.get("latency_ms") or {}).get("median")

@@ -125,7 +125,7 @@ def test_other_ranks_leave_a_recipe_without_training_to_rank_0(files, tmp_path, 
     assert result.stdout == "" and not out.exists()
 
 
-@pytest.mark.parametrize("command", ["quantize"])
+@pytest.mark.parametrize("command", ["quantize", "prune"])
 def test_torchrun_needs_a_trained_default_model(tmp_path, monkeypatch, command):
     """Processes launched together cannot train the embedded default one at a time: refused before any of them
     joins the process group (MNV3_COMPRESS_HOME is empty here)."""
@@ -134,6 +134,13 @@ def test_torchrun_needs_a_trained_default_model(tmp_path, monkeypatch, command):
     recipe = "int8-qat" if command == "quantize" else "netadapt"
     assert_one_line_error(invoke([command, "--recipe", recipe, "-o", out]), "default model is not trained yet",
                           "--weights")
+    assert_nothing_written(out)
+
+
+def test_prune_limit_train_reaches_the_holdout(files, tmp_path):
+    out = tmp_path / "out"
+    assert_one_line_error(invoke(["prune", "--weights", files["ckpt"], "--limit-train", "500", "--device", "cpu",
+                                  "-o", out]), "eval_images = 2000", "the train split has 500")
     assert_nothing_written(out)
 
 

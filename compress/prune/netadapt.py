@@ -16,6 +16,16 @@ measured on the full test split against the unpruned model, latencies timed inte
 Outputs (each written atomically): ``model_fp32.onnx`` (the pruned float network), ``reference_fp32.onnx``
 (the unpruned one), ``arch.json`` (the pruned architecture as data), ``model.pt`` (checkpoint with the
 architecture), ``recipe.toml``, ``report.json`` / ``report.md`` with every iteration in ``trajectory``.
+
+Under torchrun every rank runs the same search in lockstep and the fine-tunes (short and final) are
+DistributedDataParallel (``batch_size`` images per process, as ``train``'s ``--batch-size``; a short fine-tune
+is ``finetune_steps`` steps of the global batch).  Every rank must hold each proposal to fine-tune it, so every
+rank builds the same proposals; what would differ or must happen once is rank 0's and handed to the others
+(:func:`compress.training.distributed.from_main`): the latency measurements (timing N copies at once on one
+CPU would make each slower; the other ranks wait idle meanwhile) and the latency table's cache file, and the
+kept proposal (rank 0's choice, so a tie broken differently can never split the ranks).  Holdout accuracy is
+summed over ranks, so every rank sees the same scores.  After the final fine-tune the process group is left
+and rank 0 alone writes, evaluates and measures the outputs; the other ranks return.
 """
 from __future__ import annotations
 
@@ -44,8 +54,10 @@ from compress.prune.channels import (
     shrink_group,
     structure_problems,
 )
-from compress.prune.latency_table import LatencyTable, agreement
+from compress.prune.latency_table import LatencyTable, SharedTable, agreement
+from compress.training import distributed
 from compress.training.default_model import resolve_model
+from compress.training.distributed import DistContext, launch_rank, launched_by_torchrun
 from compress.training.train import TrainConfig, evaluate, fit
 from eval.evaluate import evaluate_onnx
 from eval.latency import measure_interleaved
@@ -77,14 +89,17 @@ def _subsource(source: DataSource, train_idx: np.ndarray, holdout_idx: np.ndarra
 
 
 def _finetune(model: MobileNetV3, source: DataSource, pool: np.ndarray, holdout: np.ndarray, steps: int,
-              batch_size: int, lr: float, offset: int, seed: int) -> dict[str, float]:
-    """``steps`` AdamW steps (cosine decay) on pool images from ``offset`` on; holdout top-1 and loss."""
+              batch_size: int, lr: float, offset: int, seed: int, ctx: DistContext) -> dict[str, float]:
+    """``steps`` AdamW steps (cosine decay) of ``batch_size`` images per process on pool images from ``offset``
+    on (DDP under torchrun); holdout top-1 and loss (summed over ranks: the same on every rank)."""
     if steps <= 0:
-        r = evaluate(model, _subsource(source, pool[:1], holdout))
+        home = next(model.parameters()).device
+        r = evaluate(model.to(ctx.device), _subsource(source, pool[:1], holdout), dist=ctx)
+        model.to(home)
         return {"top1": r["top1"], "loss": r["loss"]}
-    take = np.take(pool, np.arange(offset, offset + steps * batch_size), mode="wrap")
+    take = np.take(pool, np.arange(offset, offset + steps * batch_size * ctx.world_size), mode="wrap")
     cfg = TrainConfig(epochs=1, batch_size=batch_size, lr=lr, schedule="cosine", seed=seed)
-    res = fit(model, _subsource(source, take, holdout), cfg, progress=False)
+    res = fit(model, _subsource(source, take, holdout), cfg, progress=False, dist=ctx)
     model.eval()
     return {"top1": res["final"]["test_top1"], "loss": res["final"]["test_loss"]}
 
@@ -136,11 +151,15 @@ def _onnx_bytes(model: MobileNetV3, size: tuple[int, int]) -> bytes:
     return to_onnx(model, size).SerializeToString()
 
 
-def _measure_pair(seed_bytes: bytes, cur_bytes: bytes, threads: int, batch: int
+def _measure_pair(seed_bytes: bytes, cur_bytes: bytes, threads: int, batch: int, ctx: DistContext
                   ) -> tuple[dict[str, Any], dict[str, Any]]:
-    r = measure_interleaved({"seed": seed_bytes, "current": cur_bytes}, threads=threads, batch=batch,
-                            rounds=MEASURE_ROUNDS, round_time_s=0.1)
-    return r["seed"], r["current"]
+    """Seed and current network timed interleaved, on rank 0 alone; every rank gets the result."""
+    def on_main() -> tuple[dict[str, Any], dict[str, Any]]:
+        r = measure_interleaved({"seed": seed_bytes, "current": cur_bytes}, threads=threads, batch=batch,
+                                rounds=MEASURE_ROUNDS, round_time_s=0.1)
+        return r["seed"], r["current"]
+
+    return distributed.from_main(ctx, on_main)
 
 
 def _summary(g: dict[str, Any]) -> dict[str, Any]:
@@ -150,29 +169,40 @@ def _summary(g: dict[str, Any]) -> dict[str, Any]:
 def prune(recipe: Any = "netadapt", weights: str | os.PathLike | None = None, arch: str | None = None,
           dataset: str = "fashion-mnist", input_size: int | None = None,
           output_dir: str | os.PathLike | None = None, eval_limit: int | None = None,
-          progress: bool = True, **overrides: Any) -> dict[str, Any]:
+          progress: bool = True, device: str = "auto", **overrides: Any) -> dict[str, Any]:
     """Run NetAdapt with ``recipe``'s ``[prune]`` section on a trained float model and write the outputs.
 
     ``weights=None`` uses the embedded default.  ``overrides`` replace ``[prune]`` keys (e.g.
-    ``target_latency_ratio=0.8``).  ``eval_limit`` caps the final test-split evaluation (all when None).
-    Returns the report (``report.json``'s content) plus ``output_dir``.
+    ``target_latency_ratio=0.8``, ``limit_train=N``).  ``eval_limit`` caps the final test-split evaluation (all
+    when None).  ``device`` (auto / cpu / cuda; under torchrun GPU ``LOCAL_RANK``) is where the fine-tunes run;
+    latency is always onnxruntime on the CPU.  Returns the report (``report.json``'s content) plus
+    ``output_dir``; under torchrun, ranks other than 0 return ``{"rank", "world_size", "output_dir"}`` after the
+    final fine-tune, having written nothing.
     """
     t_start = time.time()
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     if overrides:
         rec = rec.with_overrides("prune", **overrides)
     cfg = rec.prune
-    out = ensure_dir(output_dir or DEFAULT_OUTPUT_DIR)
+    if launched_by_torchrun() and cfg.quantize_after and rec.strategy == "qat":
+        raise UserError("under torchrun, prune cannot run a QAT recipe after pruning (rank 0 would train alone): "
+                        "prune first, then run 'quantize' under torchrun with --weights OUTPUT_DIR/model.pt")
+    main = launch_rank()[0] == 0
+    out = ensure_dir(output_dir or DEFAULT_OUTPUT_DIR) if main else Path(output_dir or DEFAULT_OUTPUT_DIR)
     old_threads = torch.get_num_threads()
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     try:
-        loaded, source = resolve_model(weights, arch, dataset=dataset, input_size=input_size, progress=progress)
+        loaded, source = resolve_model(weights, arch, dataset=dataset, input_size=input_size,
+                                       progress=progress and main, train_default=not launched_by_torchrun())
         if not source.has_labels:
             raise UserError("pruning needs labelled data for its fine-tunes: use fashion-mnist or imagefolder:PATH")
-        search = _Search(rec, loaded.model.eval(), source, progress)
-        search.run()
-        final_history = search.final_finetune()
+        with distributed.session(device) as ctx:
+            search = _Search(rec, loaded.model.eval(), source, progress and ctx.is_main, ctx)
+            search.run()
+            final_history = search.final_finetune()
+        if not ctx.is_main:  # the search is done: rank 0 writes, evaluates and measures
+            return {"rank": ctx.rank, "world_size": ctx.world_size, "output_dir": str(out)}
         run = _Run(rec, loaded, source, out, eval_limit, weights, progress, t_start)
         return run.finish(search, final_history)
     finally:
@@ -182,20 +212,25 @@ def prune(recipe: Any = "netadapt", weights: str | os.PathLike | None = None, ar
 class _Search:
     """NetAdapt's loop on one seed model: proposals, short fine-tunes, selection, measured latency."""
 
-    def __init__(self, rec: Recipe, seed_model: MobileNetV3, source: DataSource, progress: bool) -> None:
+    def __init__(self, rec: Recipe, seed_model: MobileNetV3, source: DataSource, progress: bool,
+                 ctx: DistContext) -> None:
         self.rec, self.cfg, self.seed_model, self.source, self.progress = rec, rec.prune, seed_model, source, progress
+        self.ctx = ctx
         self.size = source.preprocess.input_size
-        self.holdout, self.pool = holdout_split(len(source.split("train")), self.cfg.eval_images, self.cfg.seed)
+        n_train = len(source.split("train", self.cfg.limit_train or None))
+        self.holdout, self.pool = holdout_split(n_train, self.cfg.eval_images, self.cfg.seed)
         self.timings: dict[str, float] = {}
         self.stop = "max_iterations"
         t = time.time()
         cfg = self.cfg
         self.table = LatencyTable(self.size[0], cfg.threads, cfg.batch, progress=progress)
+        self.shared = SharedTable(self.table, ctx)  # what the search reads: rank 0's measurements
         self.seed_bytes = _onnx_bytes(seed_model, self.size)
-        seed_lat, _ = _measure_pair(self.seed_bytes, self.seed_bytes, cfg.threads, cfg.batch)
-        self.seed_pred = self.table.predict(seed_model.spec)
+        seed_lat, _ = _measure_pair(self.seed_bytes, self.seed_bytes, cfg.threads, cfg.batch, ctx)
+        self.seed_pred = self.shared.predict(seed_model.spec)
         self.delta_ms = cfg.delta_ratio * self.seed_pred
-        seed_acc = _finetune(seed_model, source, self.pool, self.holdout, 0, cfg.batch_size, cfg.lr, 0, cfg.seed)
+        seed_acc = _finetune(seed_model, source, self.pool, self.holdout, 0, cfg.batch_size, cfg.lr, 0, cfg.seed,
+                             ctx)
         self.timings["setup_s"] = time.time() - t
         self.current, self.cur_acc = seed_model, seed_acc
         self.trajectory = [{"iteration": 0, "proposal": None, "spec": seed_model.spec.to_dict(),
@@ -232,19 +267,19 @@ class _Search:
     def iteration(self, it: int) -> dict[str, Any] | None:
         """One NetAdapt iteration: propose, fine-tune each proposal, keep one, measure it (None: no proposal)."""
         cfg, t_it = self.cfg, time.time()
-        proposals = propose(self.current.spec, self.table, self.delta_ms)
+        proposals = propose(self.current.spec, self.shared, self.delta_ms)
         if not proposals:
             return None
-        offset = (it - 1) * cfg.finetune_steps * cfg.batch_size
+        offset = (it - 1) * cfg.finetune_steps * cfg.batch_size * self.ctx.world_size
         for p in tqdm(proposals, desc=f"iteration {it} proposals", leave=False, disable=not self.progress):
             group = next(g for g in channel_groups(self.current.spec) if g.name == p["group"])
             p["model"] = shrink_group(self.current, group, p["channels"][1], cfg.importance)
             p.update(_finetune(p["model"], self.source, self.pool, self.holdout, cfg.finetune_steps, cfg.batch_size,
-                               cfg.lr, offset, cfg.seed + it))
-        chosen = proposals[select(proposals, cfg.selection, self.cur_acc["top1"])]
+                               cfg.lr, offset, cfg.seed + it, self.ctx))
+        chosen = proposals[distributed.from_main(self.ctx, select, proposals, cfg.selection, self.cur_acc["top1"])]
         self.current, self.cur_acc = chosen["model"], {"top1": chosen["top1"], "loss": chosen["loss"]}
         seed_lat_it, cur_lat = _measure_pair(self.seed_bytes, _onnx_bytes(self.current, self.size), cfg.threads,
-                                             cfg.batch)
+                                             cfg.batch, self.ctx)
         ratio = cur_lat["median"] / seed_lat_it["median"]
         pred_ratio = chosen["predicted_ms"] / self.seed_pred
         step = {
@@ -274,7 +309,7 @@ class _Search:
                 tqdm.write(f"final fine-tune: {cfg.final_finetune_epochs} epoch(s) on {len(self.pool)} train images "
                            f"('test top-1' below is the {len(self.holdout)}-image TRAIN holdout)")
             res = fit(self.current, _subsource(self.source, self.pool, self.holdout), tc, progress=self.progress,
-                      eval_name="holdout")
+                      eval_name="holdout", dist=self.ctx)
             history = res["history"]
         self.current.eval()
         self.timings["final_finetune_s"] = time.time() - t
@@ -371,13 +406,22 @@ class _Run:
                          "selection": cfg.selection, "importance": cfg.importance, "delta_ratio": cfg.delta_ratio,
                          "delta_ms": round(cfg.delta_ratio * pred[0], 5),
                          "target_latency_ratio": cfg.target_latency_ratio, "finetune_steps": cfg.finetune_steps,
-                         "final_finetune": final_history},
+                         "final_finetune": final_history, "data_parallel": _data_parallel(search.ctx, cfg)},
             "architecture": {"reference": _channels(seed_model.spec), "pruned": _channels(pruned.spec)},
             "latency_table": lut,
             "trajectory": trajectory,
             "quantized": quantized,
             "timings_s": {k: round(v, 2) for k, v in search.timings.items()},
         }
+
+
+def _data_parallel(ctx: DistContext, cfg) -> dict[str, Any]:
+    out: dict[str, Any] = {"world_size": ctx.world_size, "backend": ctx.backend, "device": str(ctx.device),
+                           "batch_per_process": cfg.batch_size, "global_batch": cfg.batch_size * ctx.world_size}
+    if ctx.distributed:
+        out["decisions"] = ("every rank ran the same search; latency measured on rank 0 and broadcast, the kept "
+                            "proposal chosen on rank 0, holdout accuracy summed over ranks")
+    return out
 
 
 def _channels(spec: ArchSpec) -> dict[str, Any]:
