@@ -14,10 +14,10 @@ or the ranks would train different grids and rank 0's export would not be what w
   batch, and every rank fake-quantizes with the same scale at every step.
 * weight fake quants see the same weights on every rank (DDP), folded with the same BN statistics (DDP
   broadcasts rank 0's before every forward): nothing to exchange.
-* BN running statistics: each rank updates its copy from its own batch (no SyncBatchNorm on CPU; torchvision's
-  QAT reference does the same); DDP replaces them with rank 0's before every forward, and at each freeze point
-  :class:`FreezeSchedule` broadcasts rank 0's buffers before freezing, so the frozen statistics are rank 0's on
-  every rank.
+* BN running statistics: each rank updates its copy from its own batch (no SyncBatchNorm on CPU, nor in
+  torchvision's documented 8-GPU QAT command); DDP replaces them with rank 0's before every forward, and at each
+  freeze point :class:`FreezeSchedule` broadcasts rank 0's buffers before freezing, so the frozen statistics are
+  rank 0's on every rank.
 
 The checkpoint is read (and the resume decided) on rank 0 and handed to the others, so all ranks resume the same
 epoch even where they do not share rank 0's file system.
