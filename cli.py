@@ -212,21 +212,24 @@ def compare(dirs, output_dir: str) -> None:
 @_workers_option
 @click.option("--input-size", type=click.IntRange(8), default=None, help="Square input side (default: the checkpoint's, else the dataset's).")
 @click.option("--calibration-size", type=click.IntRange(1), default=None, help="Train images used for calibration (default: the recipe's).")
+@click.option("--limit-train", type=click.IntRange(1), default=None, help="QAT recipes: train on the first N train images only (smoke runs).")
 @click.option("--limit-test", type=click.IntRange(1), default=None, help="Evaluate on the first N test images only (default: the whole test split).")
 @click.option("--threads", type=click.IntRange(1), default=1, show_default=True, help="Intra-op threads for the latency measurement.")
 @click.option("--output-dir", "-o", type=click.Path(file_okay=False), default=None, help="Where the models and reports go (default: runs/quantize-RECIPE).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Where QAT recipes train (auto: CUDA when there is one). Export and evaluation run on the CPU.")
-def quantize(recipe: str, weights, arch, dataset, input_size, calibration_size, limit_test, threads: int,
-             output_dir, device: str, **model_options) -> None:
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Where QAT recipes train (auto: CUDA when there is one; under torchrun: GPU LOCAL_RANK). Export and evaluation run on the CPU.")
+def quantize(recipe: str, weights, arch, dataset, input_size, calibration_size, limit_train, limit_test,
+             threads: int, output_dir, device: str, **model_options) -> None:
     """Quantize a float model to int8 (QDQ ONNX) with a recipe, and measure both: accuracy, agreement, latency.
 
     Writes model_fp32.onnx, model_int8.onnx, recipe.toml (the resolved recipe), report.json and report.md.
     Recipes: int8 (calibrated PTQ), int8-tuned (neural-compressor's accuracy-driven tuning; also writes
     recipe_tuned.toml), int8-mixed (latency-aware per-layer int8 / fp32; also writes mixed_precision.md), and the
-    QAT recipes int8-qat, w4a8-qat and w4a8-per-tensor-qat, which first fine-tune with fake quantization
-    (progress bar, test top-1 per epoch), checkpointing every epoch to OUTPUT_DIR/qat_checkpoint.pt: run the
-    same command again to resume an interrupted run (or to re-export a finished one without training).  They
-    also write model_int8_ptq.onnx, the calibrated baseline with the same settings.
+    QAT recipes int8-qat, int8-qat-imagenet, w4a8-qat and w4a8-per-tensor-qat, which first fine-tune with fake
+    quantization (progress bar, test top-1 per epoch), checkpointing every epoch to OUTPUT_DIR/qat_checkpoint.pt:
+    run the same command again to resume an interrupted run (or to re-export a finished one without training).
+    They also write model_int8_ptq.onnx, the calibrated baseline with the same settings.  Launched by torchrun,
+    QAT trains with DistributedDataParallel ([qat] batch_size images per process); rank 0 alone exports,
+    evaluates, writes and prints.
     """
     from pathlib import Path
 
@@ -235,7 +238,9 @@ def quantize(recipe: str, weights, arch, dataset, input_size, calibration_size, 
     out = output_dir or f"runs/quantize-{Path(recipe).stem}"
     r = run_quantize(recipe, weights=weights, arch=arch, dataset=dataset, input_size=input_size,
                      calibration_size=calibration_size, output_dir=out, eval_limit=limit_test, threads=threads,
-                     device=device, **model_options)
+                     device=device, limit_train=limit_train, **model_options)
+    if r.get("rank", 0) != 0:  # under torchrun: rank 0 reports for all
+        return
     for v in r["variants"]:
         top1 = v["accuracy"]["top1"]
         lat = (v.get("latency_ms") or {}).get("median")
@@ -273,14 +278,18 @@ def recipes() -> None:
 @_workers_option
 @click.option("--input-size", type=click.IntRange(8), default=None, help="Square input side (default: the checkpoint's, else the dataset's).")
 @click.option("--target-latency-ratio", type=click.FloatRange(0, 1, min_open=True), default=None, help="Stop at this fraction of the unpruned latency (default: the recipe's).")
+@click.option("--limit-train", type=click.IntRange(1), default=None, help="Use only the first N train images (holdout and fine-tunes; smoke runs).")
 @click.option("--limit-test", type=click.IntRange(1), default=None, help="Evaluate the result on the first N test images only (default: the whole test split).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Where the fine-tunes run (auto: CUDA when there is one; under torchrun: GPU LOCAL_RANK). Latency is onnxruntime on the CPU.")
 @click.option("--output-dir", "-o", type=click.Path(file_okay=False), default=None, help="Where the models and reports go (default: runs/prune-RECIPE).")
-def prune(recipe: str, weights, arch, dataset, input_size, target_latency_ratio, limit_test, output_dir,
-          **model_options) -> None:
+def prune(recipe: str, weights, arch, dataset, input_size, target_latency_ratio, limit_train, limit_test,
+          device: str, output_dir, **model_options) -> None:
     """NetAdapt channel pruning to a measured-latency target (onnxruntime CPU), then a longer fine-tune.
 
     Writes model_fp32.onnx (pruned), reference_fp32.onnx, arch.json, model.pt, recipe.toml, report.json (every
     iteration in 'trajectory', drawn by 'compare') and report.md; netadapt-int8 adds int8/ (the int8 recipe).
+    Launched by torchrun, the fine-tunes run with DistributedDataParallel; rank 0 alone measures latency,
+    writes and prints.
     """
     from pathlib import Path
 
@@ -288,8 +297,12 @@ def prune(recipe: str, weights, arch, dataset, input_size, target_latency_ratio,
 
     out = output_dir or f"runs/prune-{Path(recipe).stem}"
     overrides = {} if target_latency_ratio is None else {"target_latency_ratio": target_latency_ratio}
+    if limit_train is not None:
+        overrides["limit_train"] = limit_train
     r = run_prune(recipe, weights=weights, arch=arch, dataset=dataset, input_size=input_size, output_dir=out,
-                  eval_limit=limit_test, model_options=model_options, **overrides)
+                  eval_limit=limit_test, device=device, model_options=model_options, **overrides)
+    if r.get("rank", 0) != 0:  # under torchrun: rank 0 reports for all
+        return
     for v in r["variants"]:
         top1 = v["accuracy"]["top1"]
         lat = (v.get("latency_ms") or {}).get("median")

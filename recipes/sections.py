@@ -155,6 +155,7 @@ class PruneConfig:
     torch_threads: int = 1  # threads for the fine-tunes (0: torch's default)
     seed: int = 0
     quantize_after: bool = False  # then apply [quantize] / [calibration] to the pruned network (netadapt-int8)
+    limit_train: int = 0  # 0: the whole train split; else its first N images (holdout and fine-tune pool)
 
     def __post_init__(self) -> None:
         _check_range("target_latency_ratio", self.target_latency_ratio, 0.0, 1.0, lo_open=True)
@@ -171,6 +172,7 @@ class PruneConfig:
         _check_range("batch", self.batch, 1, 4096)
         _check_range("max_iterations", self.max_iterations, 1, 10_000)
         _check_range("torch_threads", self.torch_threads, 0, 1024)
+        _check_range("limit_train", self.limit_train, 0, 100_000_000)
 
 
 @dataclass(frozen=True)

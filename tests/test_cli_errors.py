@@ -130,12 +130,44 @@ def test_quantize_on_cuda_without_cuda(files, tmp_path, monkeypatch):
     assert_nothing_written(out)
 
 
-def test_quantize_refuses_torchrun(files, tmp_path, monkeypatch):
-    for k, v in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+def _as_torchrun_rank(monkeypatch, rank: int) -> None:
+    """The environment torchrun gives process ``rank`` of 2 (no process group is started by these cases)."""
+    for k, v in (("WORLD_SIZE", "2"), ("RANK", str(rank)), ("LOCAL_RANK", str(rank))):
         monkeypatch.setenv(k, v)
+
+
+def test_limit_train_needs_a_recipe_that_trains(files, tmp_path):
     out = tmp_path / "out"
-    assert_one_line_error(invoke(["quantize", "--recipe", "int8-qat", "--weights", files["ckpt"], "-o", out]),
-                          "launch it without torchrun")
+    assert_one_line_error(invoke(["quantize", "--recipe", "int8", "--weights", files["ckpt"], "--limit-train", "64",
+                                  "-o", out]), "--limit-train", "int8 does not train", "--calibration-size")
+    assert_nothing_written(out)
+
+
+def test_other_ranks_leave_a_recipe_without_training_to_rank_0(files, tmp_path, monkeypatch):
+    """Under torchrun a PTQ recipe has nothing to share: rank 1 returns at once, prints and writes nothing."""
+    _as_torchrun_rank(monkeypatch, 1)
+    out = tmp_path / "out"
+    result = invoke(["quantize", "--recipe", "int8", "--weights", files["ckpt"], "-o", out])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "" and not out.exists()
+
+
+@pytest.mark.parametrize("command", ["quantize", "prune"])
+def test_torchrun_refuses_to_train_a_default(tmp_path, monkeypatch, command):
+    """Processes launched together cannot train a default one at a time: --train-default is refused before any
+    of them joins the process group."""
+    _as_torchrun_rank(monkeypatch, 0)
+    out = tmp_path / "out"
+    recipe = "int8-qat" if command == "quantize" else "netadapt"
+    assert_one_line_error(invoke([command, "--recipe", recipe, "--train-default", "--input-size", "48", "-o", out]),
+                          "--train-default does not run under torchrun", "--weights")
+    assert_nothing_written(out)
+
+
+def test_prune_limit_train_reaches_the_holdout(files, tmp_path):
+    out = tmp_path / "out"
+    assert_one_line_error(invoke(["prune", "--weights", files["ckpt"], "--limit-train", "500", "--device", "cpu",
+                                  "-o", out]), "eval_images = 2000", "the train split has 500")
     assert_nothing_written(out)
 
 

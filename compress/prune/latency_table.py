@@ -11,6 +11,9 @@ fixed cost of one ``session.run`` (input binding, output allocation) that a real
 The table is cached as JSON under ``$MNV3_COMPRESS_HOME/latency/`` in a file keyed by CPU model, onnxruntime
 version, threads, batch and input size; an entry is measured once and reused across runs.  How well the sum
 agrees with whole-network measurements is checked by :func:`agreement` and reported by NetAdapt.
+
+Under torchrun NetAdapt reads it through :class:`SharedTable`: rank 0 alone times units and writes the file,
+every rank holds the same entries.
 """
 from __future__ import annotations
 
@@ -32,8 +35,11 @@ from tqdm import tqdm
 from compress.io import home as default_home
 from compress.io import write_json
 from compress.models.mobilenetv3 import ArchSpec, ConvBNAct, InvertedResidual, _act
+from compress.training import distributed
+from compress.training.distributed import DistContext
 
-__all__ = ["LatencyTable", "network_units", "unit_module", "unit_onnx", "export_unit", "table_path", "agreement"]
+__all__ = ["LatencyTable", "SharedTable", "network_units", "unit_module", "unit_onnx", "export_unit", "table_path",
+           "agreement"]
 
 TABLE_VERSION = 1
 
@@ -240,6 +246,42 @@ class LatencyTable:
         """Predicted whole-network latency (ms): the per-run baseline plus every unit's marginal time."""
         self.measure(self.missing([spec]))
         return self.base + sum(self.unit_ms(u) for u in network_units(spec, self.input_size))
+
+
+class SharedTable:
+    """A :class:`LatencyTable` one process measures for all (NetAdapt under torchrun; in a single process it is
+    the table itself).
+
+    Rank 0 times the missing units (the other ranks wait idle, so nothing else runs on the CPU while it times)
+    and writes the cache file; its entries go to every rank, so every rank predicts the same latencies and takes
+    the same decisions.  Which units are missing is decided from those shared entries, so every rank reaches the
+    same broadcasts, and a prediction whose units are all known needs none.
+    """
+
+    def __init__(self, table: LatencyTable, ctx: DistContext) -> None:
+        self.table, self.ctx = table, ctx
+        self._take(distributed.from_main(ctx, lambda: (table.entries, table.base_ms)))  # rank 0's cache file
+
+    def _take(self, state: tuple[dict[str, dict[str, float]], list[float]]) -> None:
+        self.table.entries, self.table.base_ms = dict(state[0]), list(state[1])
+
+    def missing(self, specs: Iterable[ArchSpec]) -> list[dict[str, Any]]:
+        return self.table.missing(specs)
+
+    def measure(self, units: Sequence[dict[str, Any]]) -> None:
+        units = [u for u in units if unit_key(u) not in self.table.entries]
+        if not units:
+            return
+
+        def on_main() -> tuple[dict[str, dict[str, float]], list[float]]:
+            self.table.measure(units)
+            return self.table.entries, self.table.base_ms
+
+        self._take(distributed.from_main(self.ctx, on_main))
+
+    def predict(self, spec: ArchSpec) -> float:
+        self.measure(self.missing([spec]))
+        return self.table.predict(spec)
 
 
 def agreement(predicted: Sequence[float], measured: Sequence[float]) -> dict[str, Any]:

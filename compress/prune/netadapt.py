@@ -16,6 +16,16 @@ measured on the full test split against the unpruned model, latencies timed inte
 Outputs (each written atomically): ``model_fp32.onnx`` (the pruned float network), ``reference_fp32.onnx``
 (the unpruned one), ``arch.json`` (the pruned architecture as data), ``model.pt`` (checkpoint with the
 architecture), ``recipe.toml``, ``report.json`` / ``report.md`` with every iteration in ``trajectory``.
+
+Under torchrun every rank runs the same search in lockstep and the fine-tunes (short and final) are
+DistributedDataParallel (``batch_size`` images per process, as ``train``'s ``--batch-size``; a short fine-tune
+is ``finetune_steps`` steps of the global batch).  Every rank must hold each proposal to fine-tune it, so every
+rank builds the same proposals; what would differ or must happen once is rank 0's and handed to the others
+(:func:`compress.training.distributed.from_main`): the latency measurements (timing N copies at once on one
+CPU would make each slower; the other ranks wait idle meanwhile) and the latency table's cache file, and the
+kept proposal (rank 0's choice, so a tie broken differently can never split the ranks).  Holdout accuracy is
+summed over ranks, so every rank sees the same scores.  After the final fine-tune the process group is left
+and rank 0 alone writes, evaluates and measures the outputs; the other ranks return.
 """
 from __future__ import annotations
 
@@ -31,25 +41,24 @@ from tqdm import tqdm
 from calibration.datasets import DataSource
 from calibration.subsets import partition
 from compress.errors import UserError
-from compress.io import ensure_dir, write_text
-from compress.models.checkpoint import save_checkpoint
+from compress.io import ensure_dir
 from compress.models.mobilenetv3 import ArchSpec, MobileNetV3, count_params
-from compress.onnx.export import export_onnx, to_onnx
+from compress.onnx.export import to_onnx
 from compress.prune.channels import (
     DIVISOR,
     ChannelGroup,
     channel_groups,
     pruned_spec,
-    save_arch,
     shrink_group,
     structure_problems,
 )
-from compress.prune.latency_table import LatencyTable, agreement
+from compress.prune.latency_table import LatencyTable, SharedTable
+from compress.training import distributed
+from compress.prune.outputs import PruneRun
 from compress.training.default_model import resolve_model
+from compress.training.distributed import DistContext, launch_rank, launched_by_torchrun
 from compress.training.train import TrainConfig, evaluate, fit
-from eval.evaluate import evaluate_onnx
 from eval.latency import measure_interleaved
-from eval.report import run_header, write_run_report
 from recipes.loader import Recipe, load_recipe
 
 __all__ = ["prune", "holdout_split", "propose", "select", "DEFAULT_OUTPUT_DIR"]
@@ -57,7 +66,6 @@ __all__ = ["prune", "holdout_split", "propose", "select", "DEFAULT_OUTPUT_DIR"]
 DEFAULT_OUTPUT_DIR = "runs/prune-netadapt"
 CANDIDATE_DEPTH = 6  # cuts per group whose units are timed up front in one batch
 MEASURE_ROUNDS = 5  # interleaved rounds (seed vs current) after every iteration
-FINAL_ROUNDS = 10  # interleaved rounds of the final measurement
 
 
 # -- data: fine-tune pool and holdout, both from the TRAIN split --------------------------------------------
@@ -93,16 +101,19 @@ def finetune_settings(start_meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def _finetune(model: MobileNetV3, source: DataSource, pool: np.ndarray, holdout: np.ndarray, steps: int,
-              batch_size: int, lr: float, offset: int, seed: int, settings: dict[str, Any] | None = None
-              ) -> dict[str, float]:
-    """``steps`` AdamW steps (cosine decay) on pool images from ``offset`` on; holdout top-1 and loss."""
+              batch_size: int, lr: float, offset: int, seed: int, ctx: DistContext,
+              settings: dict[str, Any] | None = None) -> dict[str, float]:
+    """``steps`` AdamW steps (cosine decay) of ``batch_size`` images per process on pool images from ``offset``
+    on (DDP under torchrun); holdout top-1 and loss (summed over ranks: the same on every rank)."""
     if steps <= 0:
-        r = evaluate(model, _subsource(source, pool[:1], holdout))
+        home = next(model.parameters()).device
+        r = evaluate(model.to(ctx.device), _subsource(source, pool[:1], holdout), dist=ctx)
+        model.to(home)
         return {"top1": r["top1"], "loss": r["loss"]}
-    take = np.take(pool, np.arange(offset, offset + steps * batch_size), mode="wrap")
+    take = np.take(pool, np.arange(offset, offset + steps * batch_size * ctx.world_size), mode="wrap")
     cfg = TrainConfig(epochs=1, batch_size=batch_size, lr=lr, schedule="cosine", seed=seed,
                       **{k: v for k, v in (settings or {}).items() if k in FINETUNE_KEYS})
-    res = fit(model, _subsource(source, take, holdout), cfg, progress=False)
+    res = fit(model, _subsource(source, take, holdout), cfg, progress=False, dist=ctx)
     model.eval()
     return {"top1": res["final"]["test_top1"], "loss": res["final"]["test_loss"]}
 
@@ -154,11 +165,15 @@ def _onnx_bytes(model: MobileNetV3, size: tuple[int, int]) -> bytes:
     return to_onnx(model, size).SerializeToString()
 
 
-def _measure_pair(seed_bytes: bytes, cur_bytes: bytes, threads: int, batch: int
+def _measure_pair(seed_bytes: bytes, cur_bytes: bytes, threads: int, batch: int, ctx: DistContext
                   ) -> tuple[dict[str, Any], dict[str, Any]]:
-    r = measure_interleaved({"seed": seed_bytes, "current": cur_bytes}, threads=threads, batch=batch,
-                            rounds=MEASURE_ROUNDS, round_time_s=0.1)
-    return r["seed"], r["current"]
+    """Seed and current network timed interleaved, on rank 0 alone; every rank gets the result."""
+    def on_main() -> tuple[dict[str, Any], dict[str, Any]]:
+        r = measure_interleaved({"seed": seed_bytes, "current": cur_bytes}, threads=threads, batch=batch,
+                                rounds=MEASURE_ROUNDS, round_time_s=0.1)
+        return r["seed"], r["current"]
+
+    return distributed.from_main(ctx, on_main)
 
 
 def _summary(g: dict[str, Any]) -> dict[str, Any]:
@@ -168,32 +183,47 @@ def _summary(g: dict[str, Any]) -> dict[str, Any]:
 def prune(recipe: Any = "netadapt", weights: str | os.PathLike | None = None, arch: str | None = None,
           dataset: str | None = None, input_size: int | None = None,
           output_dir: str | os.PathLike | None = None, eval_limit: int | None = None,
-          progress: bool = True, model_options: dict[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
+          progress: bool = True, device: str = "auto", model_options: dict[str, Any] | None = None,
+          **overrides: Any) -> dict[str, Any]:
     """Run NetAdapt with ``recipe``'s ``[prune]`` section on a trained float model and write the outputs.
 
     ``weights=None`` uses the embedded default.  ``overrides`` replace ``[prune]`` keys (e.g.
-    ``target_latency_ratio=0.8``); ``model_options`` (``width_mult``, ``minimalistic``, ``num_classes``,
-    ``workers``, ``train_default``) go to :func:`compress.training.default_model.resolve_model`.  ``eval_limit`` caps the final test-split evaluation (all when None).
-    Returns the report (``report.json``'s content) plus ``output_dir``.
+    ``target_latency_ratio=0.8``, ``limit_train=N``); ``model_options`` (``width_mult``, ``minimalistic``,
+    ``num_classes``, ``workers``, ``train_default``) go to :func:`compress.training.default_model.resolve_model`.
+    ``eval_limit`` caps the final test-split evaluation (all when None).  ``device`` (auto / cpu / cuda; under
+    torchrun GPU ``LOCAL_RANK``) is where the fine-tunes run; latency is always onnxruntime on the CPU.  Returns
+    the report (``report.json``'s content) plus ``output_dir``; under torchrun, ranks other than 0 return
+    ``{"rank", "world_size", "output_dir"}`` after the final fine-tune, having written nothing.
     """
     t_start = time.time()
     rec = (recipe if isinstance(recipe, Recipe) else load_recipe(recipe)).require_command("prune")
     if overrides:
         rec = rec.with_overrides("prune", **overrides)
     cfg = rec.prune
-    out = ensure_dir(output_dir or DEFAULT_OUTPUT_DIR)
+    if launched_by_torchrun() and cfg.quantize_after and rec.strategy == "qat":
+        raise UserError("under torchrun, prune cannot run a QAT recipe after pruning (rank 0 would train alone): "
+                        "prune first, then run 'quantize' under torchrun with --weights OUTPUT_DIR/model.pt")
+    main = launch_rank()[0] == 0
+    out = ensure_dir(output_dir or DEFAULT_OUTPUT_DIR) if main else Path(output_dir or DEFAULT_OUTPUT_DIR)
     old_threads = torch.get_num_threads()
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     try:
-        loaded, source = resolve_model(weights, arch, dataset=dataset, input_size=input_size, progress=progress,
-                                       **(model_options or {}))
+        if launched_by_torchrun() and (model_options or {}).get("train_default"):
+            raise UserError("--train-default does not run under torchrun (every process would train it): train "
+                            "the default once without torchrun, then launch with --weights")
+        loaded, source = resolve_model(weights, arch, dataset=dataset, input_size=input_size,
+                                       progress=progress and main, **(model_options or {}))
         if not source.has_labels:
             raise UserError("pruning needs labelled data for its fine-tunes: use fashion-mnist or imagefolder:PATH")
-        search = _Search(rec, loaded.model.eval(), source, progress, finetune_settings(loaded.meta))
-        search.run()
-        final_history = search.final_finetune()
-        run = _Run(rec, loaded, source, out, eval_limit, weights, progress, t_start)
+        with distributed.session(device) as ctx:
+            search = _Search(rec, loaded.model.eval(), source, progress and ctx.is_main, ctx,
+                             finetune_settings(loaded.meta))
+            search.run()
+            final_history = search.final_finetune()
+        if not ctx.is_main:  # the search is done: rank 0 writes, evaluates and measures
+            return {"rank": ctx.rank, "world_size": ctx.world_size, "output_dir": str(out)}
+        run = PruneRun(rec, loaded, source, out, eval_limit, weights, progress, t_start)
         return run.finish(search, final_history)
     finally:
         torch.set_num_threads(old_threads)
@@ -203,22 +233,24 @@ class _Search:
     """NetAdapt's loop on one seed model: proposals, short fine-tunes, selection, measured latency."""
 
     def __init__(self, rec: Recipe, seed_model: MobileNetV3, source: DataSource, progress: bool,
-                 settings: dict[str, Any]) -> None:
+                 ctx: DistContext, settings: dict[str, Any]) -> None:
         self.rec, self.cfg, self.seed_model, self.source, self.progress = rec, rec.prune, seed_model, source, progress
-        self.settings = settings
+        self.ctx, self.settings = ctx, settings
         self.size = source.preprocess.input_size
-        self.holdout, self.pool = holdout_split(len(source.split("train")), self.cfg.eval_images, self.cfg.seed)
+        n_train = len(source.split("train", self.cfg.limit_train or None))
+        self.holdout, self.pool = holdout_split(n_train, self.cfg.eval_images, self.cfg.seed)
         self.timings: dict[str, float] = {}
         self.stop = "max_iterations"
         t = time.time()
         cfg = self.cfg
         self.table = LatencyTable(self.size[0], cfg.threads, cfg.batch, progress=progress)
+        self.shared = SharedTable(self.table, ctx)  # what the search reads: rank 0's measurements
         self.seed_bytes = _onnx_bytes(seed_model, self.size)
-        seed_lat, _ = _measure_pair(self.seed_bytes, self.seed_bytes, cfg.threads, cfg.batch)
-        self.seed_pred = self.table.predict(seed_model.spec)
+        seed_lat, _ = _measure_pair(self.seed_bytes, self.seed_bytes, cfg.threads, cfg.batch, ctx)
+        self.seed_pred = self.shared.predict(seed_model.spec)
         self.delta_ms = cfg.delta_ratio * self.seed_pred
         seed_acc = _finetune(seed_model, source, self.pool, self.holdout, 0, cfg.batch_size, cfg.lr, 0, cfg.seed,
-                             settings)
+                             ctx, settings)
         self.timings["setup_s"] = time.time() - t
         self.current, self.cur_acc = seed_model, seed_acc
         self.trajectory = [{"iteration": 0, "proposal": None, "spec": seed_model.spec.to_dict(),
@@ -255,19 +287,19 @@ class _Search:
     def iteration(self, it: int) -> dict[str, Any] | None:
         """One NetAdapt iteration: propose, fine-tune each proposal, keep one, measure it (None: no proposal)."""
         cfg, t_it = self.cfg, time.time()
-        proposals = propose(self.current.spec, self.table, self.delta_ms)
+        proposals = propose(self.current.spec, self.shared, self.delta_ms)
         if not proposals:
             return None
-        offset = (it - 1) * cfg.finetune_steps * cfg.batch_size
+        offset = (it - 1) * cfg.finetune_steps * cfg.batch_size * self.ctx.world_size
         for p in tqdm(proposals, desc=f"iteration {it} proposals", leave=False, disable=not self.progress):
             group = next(g for g in channel_groups(self.current.spec) if g.name == p["group"])
             p["model"] = shrink_group(self.current, group, p["channels"][1], cfg.importance)
             p.update(_finetune(p["model"], self.source, self.pool, self.holdout, cfg.finetune_steps, cfg.batch_size,
-                               cfg.lr, offset, cfg.seed + it, self.settings))
-        chosen = proposals[select(proposals, cfg.selection, self.cur_acc["top1"])]
+                               cfg.lr, offset, cfg.seed + it, self.ctx, self.settings))
+        chosen = proposals[distributed.from_main(self.ctx, select, proposals, cfg.selection, self.cur_acc["top1"])]
         self.current, self.cur_acc = chosen["model"], {"top1": chosen["top1"], "loss": chosen["loss"]}
         seed_lat_it, cur_lat = _measure_pair(self.seed_bytes, _onnx_bytes(self.current, self.size), cfg.threads,
-                                             cfg.batch)
+                                             cfg.batch, self.ctx)
         ratio = cur_lat["median"] / seed_lat_it["median"]
         pred_ratio = chosen["predicted_ms"] / self.seed_pred
         step = {
@@ -298,113 +330,8 @@ class _Search:
                 tqdm.write(f"final fine-tune: {cfg.final_finetune_epochs} epoch(s) on {len(self.pool)} train images "
                            f"('test top-1' below is the {len(self.holdout)}-image TRAIN holdout)")
             res = fit(self.current, _subsource(self.source, self.pool, self.holdout), tc, progress=self.progress,
-                      eval_name="holdout")
+                      eval_name="holdout", dist=self.ctx)
             history = res["history"]
         self.current.eval()
         self.timings["final_finetune_s"] = time.time() - t
         return history
-
-
-class _Run:
-    """The outputs of one prune run: the models, their test-split evaluation, one interleaved latency run and the
-    report (the search's trajectory, the latency table's accuracy, the final fine-tune)."""
-
-    def __init__(self, rec: Recipe, loaded, source: DataSource, out: Path, eval_limit, weights, progress: bool,
-                 t_start: float) -> None:
-        self.rec, self.cfg, self.loaded, self.source, self.out = rec, rec.prune, loaded, source, out
-        self.eval_limit, self.weights, self.progress, self.t_start = eval_limit, weights, progress, t_start
-        self.size = source.preprocess.input_size
-
-    def write_models(self, seed_model: MobileNetV3, pruned: MobileNetV3, stop: str) -> dict[str, bytes]:
-        src, out, w = self.source, self.out, self.weights
-        meta = {"dataset": src.name, "input_size": self.size[0], "preprocess": src.preprocess.to_json()}
-        export_onnx(seed_model, out / "reference_fp32.onnx", src.preprocess, recipe="fp32",
-                    extra_meta={"dataset": src.name, "weights": str(w) if w else "default"})
-        export_onnx(pruned, out / "model_fp32.onnx", src.preprocess, recipe=f"{self.rec.name}:fp32",
-                    extra_meta={"dataset": src.name, "pruned_from": str(w) if w else "default"})
-        save_arch(out / "arch.json", pruned.spec)
-        save_checkpoint(out / "model.pt", pruned, **meta, netadapt={"recipe": self.rec.name, "stop": stop})
-        write_text(out / "recipe.toml", self.rec.to_toml())
-        return {"fp32": (out / "reference_fp32.onnx").read_bytes(),
-                "netadapt-fp32": (out / "model_fp32.onnx").read_bytes()}
-
-    def quantize_pruned(self) -> tuple[dict[str, Any], dict[str, Any], bytes]:
-        """netadapt-int8: the recipe's [quantize] / [calibration] applied to the pruned checkpoint (int8/)."""
-        from compress.quant.pipeline import quantize
-
-        q = quantize(self.rec.replace(command="quantize"), weights=self.out / "model.pt", dataset=self.source.name,
-                     input_size=self.size[0], workers=self.source.workers,
-                     output_dir=self.out / "int8", eval_limit=self.eval_limit, threads=self.cfg.threads,
-                     latency=False, progress=self.progress)
-        qv = next(v for v in q["variants"] if v["name"] == "int8")
-        variant = {**qv, "name": "netadapt-int8", "file": "int8/model_int8.onnx", "recipe": self.rec.name}
-        quantized = {"report": "int8/report.json", "checks": q.get("checks"), "quantization": q.get("quantization")}
-        return variant, quantized, (self.out / "int8" / "model_int8.onnx").read_bytes()
-
-    def finish(self, search: _Search, final_history: list[dict[str, Any]]) -> dict[str, Any]:
-        seed_model, pruned, cfg, src = search.seed_model, search.current, self.cfg, self.source
-        models = self.write_models(seed_model, pruned, search.stop)
-        ev_ref = evaluate_onnx(models["fp32"], dataset=src, limit=self.eval_limit, threads=cfg.threads, latency=False)
-        ev_pruned = evaluate_onnx(models["netadapt-fp32"], dataset=src, limit=self.eval_limit, threads=cfg.threads,
-                                  reference=models["fp32"], latency=False)
-        variants = [{"name": "fp32", "file": "reference_fp32.onnx", "is_reference": True, **ev_ref},
-                    {"name": "netadapt-fp32", "file": "model_fp32.onnx", "is_reference": False,
-                     "recipe": self.rec.name, **ev_pruned}]
-        quantized = None
-        if cfg.quantize_after:
-            variant, quantized, models["netadapt-int8"] = self.quantize_pruned()
-            variants.append(variant)
-        lat = measure_interleaved(models, threads=cfg.threads, batch=cfg.batch, rounds=FINAL_ROUNDS)
-        for v in variants:
-            v["latency_ms"] = lat[v["name"]]
-        search.timings["total"] = time.time() - self.t_start
-        extra = self.report(search, final_history, lat, ev_ref, ev_pruned, quantized)
-        write_run_report(self.out, variants, extra)
-        return {"variants": variants, **extra, "output_dir": str(self.out)}
-
-    def report(self, search: _Search, final_history, lat, ev_ref, ev_pruned, quantized) -> dict[str, Any]:
-        cfg, table, seed_model, pruned, trajectory = self.cfg, search.table, search.seed_model, search.current, \
-            search.trajectory
-        # how the latency table's predictions compare with whole-network measurements
-        pred = [table.predict(ArchSpec.from_dict(p["spec"])) for p in trajectory]
-        meas = [p["latency_ms"]["median"] for p in trajectory]
-        lut = {"path": str(table.path), "units": len(table.entries), "measured_this_run": table.measured_here,
-               "base_ms": round(table.base, 5), "trajectory": agreement(pred, meas),
-               "final": {"predicted_ms": round(table.predict(pruned.spec), 5),
-                         "measured_ms": lat["netadapt-fp32"]["median"],
-                         "seed_predicted_ms": round(table.predict(seed_model.spec), 5),
-                         "seed_measured_ms": lat["fp32"]["median"]},
-               "breakdown_seed_ms": dict(table.breakdown(seed_model.spec)),
-               "breakdown_pruned_ms": dict(table.breakdown(pruned.spec))}
-        ref_top1, p_top1 = ev_ref["accuracy"]["top1"], ev_pruned["accuracy"]["top1"]
-        speedup = lat["fp32"]["median"] / lat["netadapt-fp32"]["median"]
-        return {
-            **run_header("prune", self.rec, seed_model.spec, self.weights, self.loaded.source, self.size,
-                         self.source.identity),
-            "outputs": {"pruned_onnx": "model_fp32.onnx", "reference_onnx": "reference_fp32.onnx",
-                        "architecture": "arch.json", "checkpoint": "model.pt"},
-            "deployment": {"threads": cfg.threads, "batch": cfg.batch, "runtime": "onnxruntime CPU"},
-            "summary": {"speedup": round(speedup, 4), "latency_ratio": round(1 / speedup, 4),
-                        "top1_reference": ref_top1, "top1_pruned": p_top1,
-                        "top1_drop_pt": None if ref_top1 is None or p_top1 is None
-                        else round(100 * (ref_top1 - p_top1), 3),
-                        "params_reference": count_params(seed_model), "params_pruned": count_params(pruned),
-                        "iterations": len(trajectory) - 1, "stop": search.stop},
-            "evaluation": {"split": "test", "images": self.eval_limit or len(self.source.split("test")),
-                           "search_holdout": f"{cfg.eval_images} TRAIN images (seeded permutation, seed {cfg.seed})"},
-            "netadapt": {"trajectory_top1": "holdout TRAIN images (the variants' top-1 is the test split)",
-                         "selection": cfg.selection, "importance": cfg.importance, "delta_ratio": cfg.delta_ratio,
-                         "delta_ms": round(cfg.delta_ratio * pred[0], 5),
-                         "target_latency_ratio": cfg.target_latency_ratio, "finetune_steps": cfg.finetune_steps,
-                         "finetune_settings": search.settings, "final_finetune": final_history},
-            "architecture": {"reference": _channels(seed_model.spec), "pruned": _channels(pruned.spec)},
-            "latency_table": lut,
-            "trajectory": trajectory,
-            "quantized": quantized,
-            "timings_s": {k: round(v, 2) for k, v in search.timings.items()},
-        }
-
-
-def _channels(spec: ArchSpec) -> dict[str, Any]:
-    return {"stem": spec.stem_channels, "blocks": [[b.in_ch, b.expanded, b.out_ch, b.se_channels] for b in spec.blocks],
-            "last_conv": spec.last_conv, "last_channel": spec.last_channel}

@@ -10,6 +10,12 @@
 4. evaluate fp32 and int8 with :func:`eval.evaluate.evaluate_onnx` (latencies interleaved in one measurement)
    and write ``model_fp32.onnx``, ``model_int8.onnx``, ``recipe.toml``, ``report.json``, ``report.md`` (and
    each strategy's own files) atomically into the output directory.
+
+A strategy that trains (QAT) has a training phase, picked from :data:`TRAINERS`, that runs before step 1.
+Launched by ``torchrun``, every process runs that phase together as DDP (:mod:`compress.training.distributed`);
+then the process group is left, the other ranks return ``{"rank": ...}`` and rank 0 alone exports, evaluates
+and writes, as a single process.  A recipe that does not train has nothing to share: the other ranks return
+at once and rank 0 runs it alone.
 """
 from __future__ import annotations
 
@@ -31,15 +37,16 @@ from compress.onnx.metadata import get_metadata, set_metadata
 from compress.quant.checks import int8_checks
 from compress.quant.core import QuantizedGraph, calibrate, prepare_float, quantize_prepared
 from compress.quant.cpu import cpu_int8_info, resolve_reduce_range
+from compress.training import distributed
 from compress.training.default_model import resolve_model
-from compress.training.distributed import DistContext, choose_device, launched_by_torchrun
+from compress.training.distributed import DistContext, choose_device, launch_rank, launched_by_torchrun
 from eval.evaluate import evaluate_onnx
 from eval.latency import measure_interleaved
 from eval.model_info import count_macs
 from eval.report import run_header, write_run_report
 from recipes.loader import Recipe, load_recipe
 
-__all__ = ["quantize", "STRATEGIES", "Setup", "Outcome", "DEFAULT_OUTPUT_DIR"]
+__all__ = ["quantize", "STRATEGIES", "TRAINERS", "Setup", "Outcome", "DEFAULT_OUTPUT_DIR"]
 
 DEFAULT_OUTPUT_DIR = "runs/quantize"
 
@@ -57,7 +64,7 @@ class Setup:
     cpu: dict[str, Any]
     threads: int
     progress: bool
-    device: DistContext
+    trained: Any = None  # what the strategy's training phase (TRAINERS) handed over: QAT's QATResult
 
 
 @dataclass
@@ -100,18 +107,24 @@ def _tuning(s: Setup) -> Outcome:
                    files={"recipe_tuned.toml": result.recipe.to_toml()})
 
 
-def _qat(s: Setup) -> Outcome:
-    from compress.quant.qat_export import export_qat
+def _train_qat(rec: Recipe, model, source, out: Path, progress: bool, ctx: DistContext):
+    """QAT's training phase (every rank under torchrun): fine-tune with fake quantization, checkpoint to ``out``."""
     from compress.quant.qat_train import QAT_CHECKPOINT, qat_fingerprint, run_qat
 
-    t0 = time.time()
-    rec, size = s.recipe, s.source.preprocess.input_size
-    reduce_range, _ = resolve_reduce_range(rec.quantize.reduce_range, s.cpu)
-    fingerprint = qat_fingerprint(s.model, rec.quantize, rec.qat, reduce_range,
-                                  data=f"{s.source.name}|{s.source.fingerprint}@{size[0]}x{size[1]}")
-    qat = run_qat(s.model, s.source, rec.quantize, rec.qat, s.out / QAT_CHECKPOINT, fingerprint, reduce_range,
-                  s.progress, dist=s.device)
-    train_s = time.time() - t0
+    size = source.preprocess.input_size
+    # the weight grid follows the CPU that exports the model: rank 0's
+    reduce_range, _ = resolve_reduce_range(rec.quantize.reduce_range, distributed.from_main(ctx, cpu_int8_info))
+    fingerprint = qat_fingerprint(model, rec.quantize, rec.qat, reduce_range,
+                                  data=f"{source.name}|{source.fingerprint}@{size[0]}x{size[1]}")
+    return run_qat(model, source, rec.quantize, rec.qat, out / QAT_CHECKPOINT, fingerprint, reduce_range,
+                   progress, dist=ctx)
+
+
+def _qat(s: Setup) -> Outcome:
+    from compress.quant.qat_export import export_qat
+    from compress.quant.qat_train import QAT_CHECKPOINT
+
+    rec, qat = s.recipe, s.trained
     graph, qat_prepared = export_qat(qat.model, rec, s.workdir, s.source.preprocess, cpu=s.cpu)
     baseline = None
     if rec.qat.compare_ptq:  # the PTQ baseline: the same [quantize] settings, calibrated
@@ -137,12 +150,27 @@ def _qat(s: Setup) -> Outcome:
     return Outcome(graph, "none (QAT scales)", checked_against=onnx.load(str(qat_prepared)),
                    calibration_used_by=("the int8-ptq baseline only: the QAT model's own scales are exported"
                                         if baseline is not None else None),
-                   baseline=baseline, finish=finish, timings={"qat_train_s": train_s})
+                   baseline=baseline, finish=finish)
 
 
 # the recipe's strategy (Recipe.strategy) -> how it makes the int8 graph
 STRATEGIES: dict[str, Callable[[Setup], Outcome]] = {
     "ptq": _ptq, "tuning": _tuning, "mixed_precision": _mixed_precision, "qat": _qat}
+# the strategies that train first (on every rank under torchrun) -> their training phase, handed to Setup.trained
+TRAINERS: dict[str, Callable[[Recipe, Any, Any, Path, bool, DistContext], Any]] = {"qat": _train_qat}
+
+
+def _resolve_recipe(recipe: str | os.PathLike | Recipe, calibration_size: int | None, limit_train: int | None
+                    ) -> Recipe:
+    rec = (recipe if isinstance(recipe, Recipe) else load_recipe(recipe)).require_command("quantize")
+    if calibration_size is not None:
+        rec = rec.with_overrides("calibration", size=int(calibration_size))
+    if limit_train is not None:
+        if rec.strategy not in TRAINERS:
+            raise UserError(f"--limit-train limits the training images of a QAT recipe; {rec.name} does not train "
+                            f"(it calibrates on --calibration-size train images)")
+        rec = rec.with_overrides("qat", limit_train=int(limit_train))
+    return rec
 
 
 def _facts(rec: Recipe, outcome: Outcome) -> dict[str, Any]:
@@ -183,31 +211,44 @@ def quantize(recipe: str | os.PathLike | Recipe = "int8", weights: str | os.Path
              arch: str | None = None, dataset: str | None = None, input_size: int | None = None,
              calibration_size: int | None = None, output_dir: str | os.PathLike = DEFAULT_OUTPUT_DIR,
              eval_limit: int | None = None, threads: int = 1, latency: bool = True,
-             progress: bool = True, device: str = "auto", **model_options: Any) -> dict[str, Any]:
+             progress: bool = True, device: str = "auto", limit_train: int | None = None,
+             **model_options: Any) -> dict[str, Any]:
     """Apply ``recipe`` to a float model and write the deployable int8 model with its evidence.
 
     ``weights=None`` uses the embedded default (MobileNetV3-Small trained on Fashion-MNIST).  Writes
     ``model_fp32.onnx``, ``model_int8.onnx``, ``recipe.toml`` (the resolved recipe), ``report.json`` and
     ``report.md`` into ``output_dir`` - each atomically, the report last.  Accuracy is measured on the first
     ``eval_limit`` test images (all when None); latency with ``threads`` threads at batch 1, both variants
-    interleaved in one measurement.  ``device`` (auto / cpu / cuda) is where a QAT recipe trains; export and
-    evaluation run on the CPU.  ``model_options`` (``width_mult``, ``minimalistic``, ``num_classes``, ``workers``,
+    interleaved in one measurement.  ``device`` (auto / cpu / cuda) is where a QAT recipe trains (under
+    torchrun: GPU ``LOCAL_RANK``); export and evaluation run on the CPU.  ``limit_train`` trains QAT on the first
+    N train images.  ``model_options`` (``width_mult``, ``minimalistic``, ``num_classes``, ``workers``,
     ``train_default``, ``random_init``) go to :func:`compress.training.default_model.resolve_model`.  Returns the
-    report (``report.json``'s content).
+    report (``report.json``'s content); under torchrun, ranks other than 0 return ``{"rank", "world_size",
+    "output_dir"}`` once training is done, having written nothing.
     """
     t_start = time.time()
-    rec = (recipe if isinstance(recipe, Recipe) else load_recipe(recipe)).require_command("quantize")
-    if launched_by_torchrun():
-        raise UserError("quantize runs in one process (QAT included); launch it without torchrun "
-                        "(multi-process training: mnv3-compress train under torchrun)")
-    train_on = DistContext(device=choose_device(device))
-    if calibration_size is not None:
-        rec = rec.with_overrides("calibration", size=int(calibration_size))
-    out = ensure_dir(output_dir)
-    loaded, source = resolve_model(weights, arch, dataset=dataset, input_size=input_size, progress=progress,
-                                   **model_options)
+    rec = _resolve_recipe(recipe, calibration_size, limit_train)
+    rank, world_size, local_rank = launch_rank()
+    choose_device(device, local_rank)  # --device cuda without CUDA: the same one-line error on every rank
+    trainer = TRAINERS.get(rec.strategy)
+    if rank != 0 and trainer is None:  # nothing to share: rank 0 runs this recipe alone
+        return {"rank": rank, "world_size": world_size, "output_dir": str(output_dir)}
+    if launched_by_torchrun() and model_options.get("train_default"):
+        raise UserError("--train-default does not run under torchrun (every process would train it): train the "
+                        "default once without torchrun, then launch with --weights")
+    out = ensure_dir(output_dir) if rank == 0 else Path(output_dir)
+    loaded, source = resolve_model(weights, arch, dataset=dataset, input_size=input_size,
+                                   progress=progress and rank == 0, **model_options)
     size = source.preprocess.input_size
     timings: dict[str, float] = {}
+    trained = None
+    if trainer is not None:
+        t = time.time()
+        with distributed.session(device) as ctx:
+            trained = trainer(rec, loaded.model, source, out, progress and ctx.is_main, ctx)
+        timings[f"{rec.strategy}_train_s"] = time.time() - t
+        if not ctx.is_main:  # training is done: rank 0 exports, evaluates and writes
+            return {"rank": ctx.rank, "world_size": ctx.world_size, "output_dir": str(out)}
     with tempfile.TemporaryDirectory(prefix="mnv3-quantize.") as wd:
         t = time.time()
         fp32_path = Path(wd) / "model_fp32.onnx"
@@ -221,10 +262,10 @@ def quantize(recipe: str | os.PathLike | Recipe = "int8", weights: str | os.Path
         reader = TrainSplitReader(source, rec.calibration.size, rec.calibration.batch_size, rec.calibration.seed,
                                   progress=progress)
         setup = Setup(rec, loaded.model, source, prepared_path, reader, wd, out, cpu_int8_info(), threads, progress,
-                      train_on)
+                      trained)
         outcome = STRATEGIES[rec.strategy](setup)
         timings.update(outcome.timings)
-        timings["quantize_s"] = time.time() - t
+        timings["quantize_s"] = time.time() - t + timings.get(f"{rec.strategy}_train_s", 0.0)
         checks = int8_checks(outcome.graph.model, outcome.checked_against or onnx.load(str(prepared_path)),
                              rec.quantize, size)
         facts = _facts(rec, outcome)
@@ -287,6 +328,11 @@ def _qat_notes(q: dict[str, Any]) -> list[str]:
              + f"; {q['activation_sites']} activation and {q['weight_sites']} weight fake quantizers "
                f"({q['machinery']}). Freeze points: {'; '.join(q['freeze_events']) or 'restored from the checkpoint'}.",
              "", "| epoch | train loss | fake-quant test top-1 | seconds |", "|---:|---:|---:|---:|"]
+    dp = q.get("data_parallel") or {}
+    if dp.get("world_size", 1) > 1:
+        lines[4:4] = ["", f"Trained as DistributedDataParallel on {dp['world_size']} processes ({dp['backend']}, "
+                          f"{dp['batch_per_process']} images per process, global batch {dp['global_batch']}): "
+                          f"{dp['observers']}; BN statistics: {dp['bn_statistics']}. Rank 0 exported and evaluated."]
     lines += [f"| {h['epoch']} | {h['train_loss']:.4f} | {100 * h['test_top1']:.2f} % | {h['seconds']:.0f} |"
               for h in q["history"]]
     lines += ["", f"Exported with the QAT model's own scales and zero points (no calibration): the fake-quant torch "

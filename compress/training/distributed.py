@@ -4,18 +4,26 @@ A command launched by ``torchrun`` (which sets ``WORLD_SIZE``, ``RANK`` and ``LO
 group (gloo on CPU, nccl on CUDA); launched plainly it runs as one process and nothing here changes it.
 :class:`DistContext` says which process this is; the helpers below are no-ops in a single process.
 
-QAT hook: :func:`wrap_model` is where a model becomes a DDP model.  Its ``convert`` steps run on the plain
-module first (after the optional SyncBatchNorm conversion), so a QAT prepare step can swap or configure
-fake-quant observers there.  Observer and BN buffers stay consistent across ranks the way torchvision's QAT
-reference keeps them: DDP broadcasts rank 0's buffers before every forward (``broadcast_buffers=True``) and
-:func:`broadcast_buffers` copies them once more at the end of each epoch, before evaluation and checkpoints.
+What runs where: every rank trains (``train``, the QAT of ``quantize``, NetAdapt's fine-tunes); what is done
+once - reading a checkpoint to resume, timing a model, writing a file - runs on rank 0, and :func:`from_main`
+hands its result to the others, so every rank takes the same decisions and reaches the same collectives.
+
+Buffers: DDP broadcasts rank 0's buffers (BN running statistics, observer state) before every training forward
+(``broadcast_buffers=True``) and :func:`broadcast_buffers` copies them once more at the end of each epoch,
+before evaluation and checkpoints.  QAT adds its own step on top (:mod:`compress.quant.qat_train`): activation
+observer ranges are all-reduced (min of the minima, max of the maxima) after every update, so they cover the
+global batch, and rank 0's buffers are broadcast at each freeze point.
+
+The process group uses torch's default timeout; ``$MNV3_COMPRESS_DIST_TIMEOUT_S`` sets another (the tests use a
+short one).
 """
 from __future__ import annotations
 
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from datetime import timedelta
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
 import torch.distributed as tdist
@@ -28,6 +36,8 @@ from compress.errors import UserError
 
 DEVICES = ("auto", "cpu", "cuda")
 TORCHRUN_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
+TIMEOUT_ENV = "MNV3_COMPRESS_DIST_TIMEOUT_S"
+T = TypeVar("T")
 
 Converter = Callable[[nn.Module], nn.Module]
 
@@ -53,6 +63,26 @@ class DistContext:
 
 def launched_by_torchrun() -> bool:
     return all(k in os.environ for k in TORCHRUN_ENV)
+
+
+def launch_rank() -> tuple[int, int, int]:
+    """(RANK, WORLD_SIZE, LOCAL_RANK) as torchrun set them, before any process group is up; (0, 1, 0) otherwise."""
+    if not launched_by_torchrun():
+        return 0, 1, 0
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+
+
+def _timeout() -> dict[str, timedelta]:
+    value = os.environ.get(TIMEOUT_ENV)
+    if not value:
+        return {}  # torch's default
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise UserError(f"{TIMEOUT_ENV} must be a number of seconds > 0, got {value!r}")
+    return {"timeout": timedelta(seconds=seconds)}
 
 
 def choose_device(name: str = "auto", local_rank: int = 0) -> torch.device:
@@ -97,7 +127,8 @@ def session(device: str = "auto") -> Iterator[DistContext]:
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    tdist.init_process_group(backend, init_method="env://", **({"device_id": dev} if dev.type == "cuda" else {}))
+    tdist.init_process_group(backend, init_method="env://", **({"device_id": dev} if dev.type == "cuda" else {}),
+                             **_timeout())
     try:
         yield current(dev)
     finally:
@@ -175,6 +206,34 @@ def all_reduce_sum(values: Sequence[float], ctx: DistContext) -> list[float]:
     t = torch.tensor(list(values), dtype=torch.float64, device=ctx.device)
     tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
     return t.tolist()
+
+
+def from_main(ctx: DistContext, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)`` on rank 0 alone, its (picklable) result handed to every rank; a single process just
+    calls it.  Every rank must call this at the same point.
+
+    For what is done once and must be the same everywhere: reading a checkpoint, timing a model on the CPU
+    (N copies timed at once would slow each other down), the CPU facts that decide the export.  An exception on
+    rank 0 is re-raised there and reaches the other ranks as a one-line UserError, so none of them waits for a
+    result that will never come.
+    """
+    if not ctx.distributed:
+        return fn(*args, **kwargs)
+    box: list[Any] = [None]
+    error: Exception | None = None
+    if ctx.is_main:
+        try:
+            box = [(True, fn(*args, **kwargs))]
+        except Exception as e:  # noqa: BLE001 - handed on, then re-raised
+            error = e
+            box = [(False, (str(e).strip().splitlines() or [type(e).__name__])[0])]
+    tdist.broadcast_object_list(box, src=0, device=ctx.device if ctx.device.type == "cuda" else None)
+    if error is not None:
+        raise error
+    ok, value = box[0]
+    if not ok:
+        raise UserError(f"rank 0 failed: {value}")
+    return value
 
 
 @torch.no_grad()

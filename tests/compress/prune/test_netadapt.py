@@ -79,7 +79,9 @@ def test_finetunes_take_the_start_models_training_settings(monkeypatch):
     monkeypatch.setattr(na, "fit", lambda model, source, cfg, **kw: seen.append(cfg) or
                         {"final": {"test_top1": 0.5, "test_loss": 1.0}})
     monkeypatch.setattr(na, "_subsource", lambda source, train, holdout: source)
-    na._finetune(torch.nn.Linear(1, 1), None, np.arange(100), np.arange(10), 2, 8, 1e-4, 0, 0, mine)
+    from compress.training.distributed import DistContext
+
+    na._finetune(torch.nn.Linear(1, 1), None, np.arange(100), np.arange(10), 2, 8, 1e-4, 0, 0, DistContext(), mine)
     assert seen[0].pad_crop == 0 and seen[0].bn_momentum == 0.05 and seen[0].hflip == mine["hflip"]
 
 
@@ -107,7 +109,7 @@ def test_tiny_end_to_end_run(tmp_path, monkeypatch):
     monkeypatch.setenv("MNV3_COMPRESS_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(na, "CANDIDATE_DEPTH", 2)
     monkeypatch.setattr(na, "MEASURE_ROUNDS", 2)
-    monkeypatch.setattr(na, "FINAL_ROUNDS", 2)
+    monkeypatch.setattr("compress.prune.outputs.FINAL_ROUNDS", 2)
 
     class QuickTable(LatencyTable):
         def __init__(self, *a, **k):
@@ -155,8 +157,9 @@ def test_netadapt_int8_quantizes_the_pruned_network(tmp_path, monkeypatch):
     data.mkdir()
     _fake_fashion_mnist(data)
     monkeypatch.setenv("MNV3_COMPRESS_HOME", str(tmp_path / "home"))
-    for k, v in (("CANDIDATE_DEPTH", 2), ("MEASURE_ROUNDS", 2), ("FINAL_ROUNDS", 2)):
+    for k, v in (("CANDIDATE_DEPTH", 2), ("MEASURE_ROUNDS", 2)):
         monkeypatch.setattr(na, k, v)
+    monkeypatch.setattr("compress.prune.outputs.FINAL_ROUNDS", 2)
     torch.manual_seed(0)
     seed = MobileNetV3(arch_spec("mobilenet_v3_small", width_mult=0.5, num_classes=10))
     save_checkpoint(tmp_path / "seed.pt", seed, dataset="fashion-mnist", input_size=16)

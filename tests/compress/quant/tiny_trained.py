@@ -1,6 +1,6 @@
 """A briefly trained tiny model (and a one-thread ORT session) shared by the quantization tests (PTQ, QAT).
 
-MobileNetV3-Small (10 outputs) at 32x32, trained for 20 steps on two well-separated Fashion-MNIST classes
+MobileNetV3-Small (10 outputs; width 1.0 unless asked) at 32x32, trained for 20 steps on two well-separated Fashion-MNIST classes
 (Trouser, Bag) so its predictions have real margins, then its BN statistics re-estimated.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ CLASSES = (1, 8)  # Trouser, Bag
 SIZE = 32
 
 
-def train_tiny(source, steps: int = 20, batch: int = 64) -> torch.nn.Module:
+def train_tiny(source, steps: int = 20, batch: int = 64, width_mult: float = 1.0) -> torch.nn.Module:
     from compress.models.mobilenetv3 import mobilenet_v3_small
 
     torch.manual_seed(0)
@@ -23,7 +23,7 @@ def train_tiny(source, steps: int = 20, batch: int = 64) -> torch.nn.Module:
     images, labels = load_fashion_mnist(FASHION_MNIST_DIR, "train")
     sel = np.flatnonzero(np.isin(labels, CLASSES))[:steps * batch]
     x, y = source.preprocess(torch.from_numpy(images[sel])), torch.from_numpy(labels[sel])
-    model = mobilenet_v3_small(num_classes=10, dropout=0.0).train()
+    model = mobilenet_v3_small(width_mult, num_classes=10, dropout=0.0).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-2, total_steps=steps, pct_start=0.3)
     for k in range(steps):

@@ -5,6 +5,7 @@ The helpers are also checked in a single process, where they must change nothing
 import os
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,20 @@ def test_without_torchrun_a_single_process(monkeypatch):
         assert distributed.train_sampler(list(range(10)), ctx, 0) is None
         model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
         assert distributed.wrap_model(model, ctx, sync_bn=True) is model  # nothing to synchronise
+        assert distributed.launch_rank() == (0, 1, 0)
+        assert distributed.from_main(ctx, lambda a, b=0: a + b, 1, b=2) == 3  # just called
+        with pytest.raises(UserError, match="boom"):  # and its error is the caller's
+            distributed.from_main(ctx, lambda: (_ for _ in ()).throw(UserError("boom")))
+
+
+@pytest.mark.parametrize("value, ok", [("", True), ("30", True), ("0", False), ("soon", False)])
+def test_process_group_timeout_from_the_environment(monkeypatch, value, ok):
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, value)
+    if ok:
+        assert distributed._timeout() == ({"timeout": timedelta(seconds=30)} if value else {})
+    else:
+        with pytest.raises(UserError, match=distributed.TIMEOUT_ENV):
+            distributed._timeout()
 
 
 def test_device_choice():
