@@ -211,13 +211,14 @@ def compare(dirs, output_dir: str) -> None:
 @click.option("--dataset", default=None, help="Calibration (train split) and evaluation (test split) data (default: the checkpoint's, else fashion-mnist). " + _DATASET_HELP)
 @_workers_option
 @click.option("--input-size", type=click.IntRange(8), default=None, help="Square input side (default: the checkpoint's, else the dataset's).")
+@click.option("--target", "targets", default="ort-x86", show_default=True, help="Where the int8 model deploys, comma-separated: ort-x86, ort-arm64, openvino, executorch, litert. Every target's artifact carries the same scales (scales.json) and is measured in its own runtime.")
 @click.option("--calibration-size", type=click.IntRange(1), default=None, help="Train images used for calibration (default: the recipe's).")
 @click.option("--limit-train", type=click.IntRange(1), default=None, help="QAT recipes: train on the first N train images only (smoke runs).")
 @click.option("--limit-test", type=click.IntRange(1), default=None, help="Evaluate on the first N test images only (default: the whole test split).")
 @click.option("--threads", type=click.IntRange(1), default=1, show_default=True, help="Intra-op threads for the latency measurement.")
 @click.option("--output-dir", "-o", type=click.Path(file_okay=False), default=None, help="Where the models and reports go (default: runs/quantize-RECIPE).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Where QAT recipes train (auto: CUDA when there is one; under torchrun: GPU LOCAL_RANK). Export and evaluation run on the CPU.")
-def quantize(recipe: str, weights, arch, dataset, input_size, calibration_size, limit_train, limit_test,
+def quantize(recipe: str, weights, arch, dataset, input_size, targets, calibration_size, limit_train, limit_test,
              threads: int, output_dir, device: str, **model_options) -> None:
     """Quantize a float model to int8 (QDQ ONNX) with a recipe, and measure both: accuracy, agreement, latency.
 
@@ -238,7 +239,7 @@ def quantize(recipe: str, weights, arch, dataset, input_size, calibration_size, 
     out = output_dir or f"runs/quantize-{Path(recipe).stem}"
     r = run_quantize(recipe, weights=weights, arch=arch, dataset=dataset, input_size=input_size,
                      calibration_size=calibration_size, output_dir=out, eval_limit=limit_test, threads=threads,
-                     device=device, limit_train=limit_train, **model_options)
+                     device=device, limit_train=limit_train, targets=targets, **model_options)
     if r.get("rank", 0) != 0:  # under torchrun: rank 0 reports for all
         return
     for v in r["variants"]:
@@ -248,6 +249,11 @@ def quantize(recipe: str, weights, arch, dataset, input_size, calibration_size, 
         click.echo(f"{v['name']:>8}: top-1 {'n/a' if top1 is None else f'{100 * top1:.2f}%'}"
                    f"{'' if agree is None else f', agreement {100 * agree:.2f}%'}"
                    f"{'' if lat is None else f', latency {lat:.3f} ms'}, {v['size_bytes'] / 2**20:.2f} MiB")
+    for t in (r.get("targets") or {}).get("results", [])[1:]:
+        speed = t.get("speedup_vs_runtime_fp32")
+        click.echo(f"  target {t['target']}: top-1 {100 * t['accuracy']['top1']:.2f}%, same top-1 as ort-x86 int8 "
+                   f"{100 * t['agreement_with_ort_x86_int8']:.2f}%, "
+                   + (f"{speed:.2f}x its runtime's fp32" if speed else t.get("latency_note", "")) + f" ({t['file']})")
     if r.get("qat"):
         q = r["qat"]
         click.echo(f"     QAT: fake-quant torch model top-1 {100 * q['fake_quant_top1']:.2f}%, the int8 ONNX "

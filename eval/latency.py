@@ -8,7 +8,7 @@ neighbour's job) hits every model alike; benchmarks and NetAdapt compare candida
 from __future__ import annotations
 
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import onnx
@@ -109,36 +109,53 @@ def measure_latency(model: ModelLike, threads: int = 1, batch: int = 1, warmup: 
 def measure_interleaved(models: Mapping[str, ModelLike], threads: int = 1, batch: int = 1, rounds: int = 5,
                         runs_per_round: int | None = None, warmup: int = 10, round_time_s: float = 0.2
                         ) -> dict[str, dict[str, Any]]:
-    """Latency of several models measured in alternating rounds on sessions built up front.
-
-    Every round times each model ``runs_per_round`` times, visiting the models in an order rotated by one each
-    round.  ``runs_per_round=None`` sizes it from the warm-up so one model's round takes about
-    ``round_time_s`` (5..500 runs).  Per model: the :func:`measure_latency` keys over all its runs, plus
-    ``round_medians`` (ms), ``spread`` (max/min of the round medians) and ``cv`` (their coefficient of
-    variation) — the machine noise, reported rather than hidden.
-    """
+    """Latency of several ONNX models measured in alternating rounds on onnxruntime sessions built up front
+    (:func:`interleave` over one ``session.run`` each)."""
     if not models:
         raise UserError("measure_interleaved needs at least one model")
+    calls = {}
+    for name, model in models.items():
+        proto = load_model(model)
+        feed = random_input(proto, batch)
+        sess = make_session(proto, threads)
+        calls[name] = (lambda s, f: lambda: s.run(None, f))(sess, feed)
+    return interleave(calls, threads=threads, batch=batch, rounds=rounds, runs_per_round=runs_per_round,
+                      warmup=warmup, round_time_s=round_time_s)
+
+
+def interleave(calls: Mapping[str, Callable[[], Any]], threads: int | None = 1, batch: int = 1, rounds: int = 5,
+               runs_per_round: int | None = None, warmup: int = 10, round_time_s: float = 0.2
+               ) -> dict[str, dict[str, Any]]:
+    """Latency of several ready-to-run calls (one forward pass each, any runtime) in alternating rounds.
+
+    Every round times each call ``runs_per_round`` times, visiting them in an order rotated by one each round.
+    ``runs_per_round=None`` sizes it from the warm-up so one call's round takes about ``round_time_s`` (5..500
+    runs).  Per call: the :func:`measure_latency` keys over all its runs, plus ``round_medians`` (ms),
+    ``spread`` (max/min of the round medians) and ``cv`` (their coefficient of variation) — the machine noise,
+    reported rather than hidden.  ``threads`` and ``batch`` are recorded as the settings the calls were made with.
+    """
+    if not calls:
+        raise UserError("interleave needs at least one call")
     if rounds < 1:
         raise UserError(f"rounds must be >= 1, got {rounds}")
-    names = list(models)
-    sessions, feeds, per_round = {}, {}, {}
+    names = list(calls)
+    per_round = {}
     for name in names:
-        proto = load_model(models[name])
-        feeds[name] = random_input(proto, batch)
-        sessions[name] = make_session(proto, threads)
-    for name in names:
-        warm = [_run_once(sessions[name], feeds[name]) for _ in range(max(1, warmup))]
-        if runs_per_round is not None:
-            per_round[name] = int(runs_per_round)
-        else:
-            per_round[name] = int(np.clip(round_time_s * 1e3 / max(float(np.median(warm)), 1e-3), 5, 500))
+        warm = [_timed(calls[name]) for _ in range(max(1, warmup))]
+        per_round[name] = (int(runs_per_round) if runs_per_round is not None else
+                           int(np.clip(round_time_s * 1e3 / max(float(np.median(warm)), 1e-3), 5, 500)))
     times: dict[str, list[np.ndarray]] = {n: [] for n in names}
     for r in range(rounds):
         k = r % len(names)
         for name in names[k:] + names[:k]:
-            times[name].append(time_runs(sessions[name], feeds[name], runs=per_round[name]))
+            times[name].append(np.asarray([_timed(calls[name]) for _ in range(per_round[name])]))
     return {name: summarize_rounds(times[name], threads, batch) for name in names}
+
+
+def _timed(call: Callable[[], Any]) -> float:
+    t0 = time.perf_counter_ns()
+    call()
+    return (time.perf_counter_ns() - t0) / 1e6
 
 
 def summarize_rounds(round_times_ms: list[np.ndarray], threads: int | None, batch: int) -> dict[str, Any]:

@@ -6,7 +6,8 @@ from collections import Counter, defaultdict
 import numpy as np
 import onnx
 
-__all__ = ["producers_consumers", "op_counts", "conv_nodes", "attr_int", "is_scalar_initializer", "weight_channel_axis"]
+__all__ = ["producers_consumers", "op_counts", "conv_nodes", "attr_int", "is_scalar_initializer", "weight_channel_axis",
+           "fix_batch"]
 
 
 def producers_consumers(g: onnx.GraphProto) -> tuple[dict[str, onnx.NodeProto], dict[str, list[onnx.NodeProto]]]:
@@ -41,3 +42,17 @@ def weight_channel_axis(node: onnx.NodeProto) -> int:
     if node.op_type == "Gemm":
         return 0 if attr_int(node, "transB", 0) else 1
     return 0
+
+
+def fix_batch(model: onnx.ModelProto, batch: int = 1) -> onnx.ModelProto:
+    """A copy whose graph inputs and outputs have a static batch (mobile runtimes and NNAPI want fixed shapes)."""
+    import copy
+
+    out = copy.deepcopy(model)
+    for v in list(out.graph.input) + list(out.graph.output):
+        dims = v.type.tensor_type.shape.dim
+        if dims:
+            dims[0].Clear()
+            dims[0].dim_value = batch
+    del out.graph.value_info[:]  # inferred with the dynamic batch
+    return out

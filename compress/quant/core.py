@@ -55,9 +55,11 @@ _EXTRA_OP_TYPES = ("HardSigmoid",)
 
 # -- graph preparation ------------------------------------------------------------------------------
 
-def prepare_float(fp32: onnx.ModelProto, q: QuantizeConfig, workdir: str | os.PathLike) -> Path:
+def prepare_float(fp32: onnx.ModelProto, q: QuantizeConfig, workdir: str | os.PathLike, optimize: bool = True
+                  ) -> Path:
     """Graph passes + ORT ``quant_pre_process``; returns the path of the model that calibration and
-    quantization read (it is still a float model computing the same function)."""
+    quantization read (it is still a float model computing the same function).  ``optimize=False`` skips ORT's
+    graph optimizer (which expands HardSwish into ``x * HardSigmoid(x)``: OpenVINO wants the op)."""
     from onnxruntime.quantization import quant_pre_process
 
     shaped = rewrite_hard_sigmoid(rewrite_hswish(unshare_initializers(fp32), q.hswish), q.hard_sigmoid)
@@ -69,7 +71,7 @@ def prepare_float(fp32: onnx.ModelProto, q: QuantizeConfig, workdir: str | os.Pa
     dst = Path(workdir) / "prepared.onnx"
     onnx.save(shaped, str(src))
     with quiet():
-        quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+        quant_pre_process(str(src), str(dst), skip_symbolic_shape=True, skip_optimization=not optimize)
     return dst
 
 

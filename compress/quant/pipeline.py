@@ -37,6 +37,8 @@ from compress.onnx.metadata import get_metadata, set_metadata
 from compress.quant.checks import int8_checks
 from compress.quant.core import QuantizedGraph, calibrate, prepare_float, quantize_prepared
 from compress.quant.cpu import cpu_int8_info, resolve_reduce_range
+from compress.targets.registry import parse_targets
+from compress.targets.deploy import Deployment, deploy
 from compress.training import distributed
 from compress.training.default_model import resolve_model
 from compress.training.distributed import DistContext, choose_device, launch_rank, launched_by_torchrun
@@ -80,12 +82,15 @@ class Outcome:
     # QAT: (int8 ONNX bytes, eval limit) -> the "qat" report section, once the int8 model exists
     finish: Callable[[bytes, int | None], dict[str, Any]] | None = None
     timings: dict[str, float] = field(default_factory=dict)  # the strategy's own stages (seconds)
+    ranges: Any = None  # the calibration's TensorsData, when the strategy calibrated the graph it quantized
+    float_model: Any = None  # the float network the int8 graph quantizes, when not the loaded one (QAT)
+    float_onnx: onnx.ModelProto | None = None  # its fp32 export (QAT: the folded model's)
 
 
 def _ptq(s: Setup) -> Outcome:
     ranges = calibrate(s.prepared_path, s.reader, s.recipe.calibration, s.workdir, progress=s.progress)
     return Outcome(quantize_prepared(s.prepared_path, ranges, s.recipe, s.workdir, cpu=s.cpu),
-                   s.recipe.calibration.method)
+                   s.recipe.calibration.method, ranges=ranges)
 
 
 def _mixed_precision(s: Setup) -> Outcome:
@@ -96,7 +101,7 @@ def _mixed_precision(s: Setup) -> Outcome:
     graph = quantize_prepared(s.prepared_path, ranges, s.recipe, s.workdir, cpu=s.cpu,
                               extra_excluded=mixed.nodes_to_exclude)
     return Outcome(graph, s.recipe.calibration.method, sections={"mixed_precision": mixed.report},
-                   files={"mixed_precision.md": render_plan(mixed.report)})
+                   files={"mixed_precision.md": render_plan(mixed.report)}, ranges=ranges)
 
 
 def _tuning(s: Setup) -> Outcome:
@@ -121,7 +126,7 @@ def _train_qat(rec: Recipe, model, source, out: Path, progress: bool, ctx: DistC
 
 
 def _qat(s: Setup) -> Outcome:
-    from compress.quant.qat_export import export_qat
+    from compress.quant.qat_export import QAT_FLOAT_ONNX, export_qat
     from compress.quant.qat_train import QAT_CHECKPOINT
 
     rec, qat = s.recipe, s.trained
@@ -147,10 +152,13 @@ def _qat(s: Setup) -> Outcome:
                             f"requires {rec.qat.min_onnx_agreement:.0%}): the export does not reproduce QAT")
         return report
 
+    from compress.quant.qat_export import to_float
+
     return Outcome(graph, "none (QAT scales)", checked_against=onnx.load(str(qat_prepared)),
                    calibration_used_by=("the int8-ptq baseline only: the QAT model's own scales are exported"
                                         if baseline is not None else None),
-                   baseline=baseline, finish=finish)
+                   baseline=baseline, finish=finish, float_model=to_float(qat.model).cpu().eval(),
+                   float_onnx=onnx.load(str(Path(qat_prepared).parent / QAT_FLOAT_ONNX)))
 
 
 # the recipe's strategy (Recipe.strategy) -> how it makes the int8 graph
@@ -211,7 +219,7 @@ def quantize(recipe: str | os.PathLike | Recipe = "int8", weights: str | os.Path
              arch: str | None = None, dataset: str | None = None, input_size: int | None = None,
              calibration_size: int | None = None, output_dir: str | os.PathLike = DEFAULT_OUTPUT_DIR,
              eval_limit: int | None = None, threads: int = 1, latency: bool = True,
-             progress: bool = True, device: str = "auto", limit_train: int | None = None,
+             progress: bool = True, device: str = "auto", limit_train: int | None = None, targets: str | None = None,
              **model_options: Any) -> dict[str, Any]:
     """Apply ``recipe`` to a float model and write the deployable int8 model with its evidence.
 
@@ -221,13 +229,15 @@ def quantize(recipe: str | os.PathLike | Recipe = "int8", weights: str | os.Path
     ``eval_limit`` test images (all when None); latency with ``threads`` threads at batch 1, both variants
     interleaved in one measurement.  ``device`` (auto / cpu / cuda) is where a QAT recipe trains (under
     torchrun: GPU ``LOCAL_RANK``); export and evaluation run on the CPU.  ``limit_train`` trains QAT on the first
-    N train images.  ``model_options`` (``width_mult``, ``minimalistic``, ``num_classes``, ``workers``,
+    N train images.  ``targets`` (``"ort-x86,openvino,..."``, :mod:`compress.targets`) also writes and measures
+    each target's artifact from the same scales (``scales.json``).  ``model_options`` (``width_mult``, ``minimalistic``, ``num_classes``, ``workers``,
     ``train_default``, ``random_init``) go to :func:`compress.training.default_model.resolve_model`.  Returns the
     report (``report.json``'s content); under torchrun, ranks other than 0 return ``{"rank", "world_size",
     "output_dir"}`` once training is done, having written nothing.
     """
     t_start = time.time()
     rec = _resolve_recipe(recipe, calibration_size, limit_train)
+    deploy_to = parse_targets(targets)  # a missing runtime fails now, not after training
     rank, world_size, local_rank = launch_rank()
     choose_device(device, local_rank)  # --device cuda without CUDA: the same one-line error on every rank
     trainer = TRAINERS.get(rec.strategy)
@@ -277,6 +287,12 @@ def quantize(recipe: str | os.PathLike | Recipe = "int8", weights: str | os.Path
         evals = _evaluate(models, source, eval_limit, threads, latency)
         qat_report = outcome.finish(models["int8"], eval_limit) if outcome.finish else None
         timings["evaluate_s"] = time.time() - t
+        deployed = None
+        if len(deploy_to) > 1:
+            t = time.time()
+            deployed = deploy(deploy_to, _deployment(setup, outcome, models, fp32, loaded.model, eval_limit,
+                                                     latency), evals)
+            timings["targets_s"] = time.time() - t
 
     variants = _write_models(out, rec, models, evals, outcome)
     ref_top1, q_top1 = evals["fp32"]["accuracy"]["top1"], evals["int8"]["accuracy"]["top1"]
@@ -295,8 +311,51 @@ def quantize(recipe: str | os.PathLike | Recipe = "int8", weights: str | os.Path
         "mixed_precision": outcome.sections.get("mixed_precision"),
         "timings_s": {k: round(v, 2) for k, v in timings.items()} | {"total": round(time.time() - t_start, 2)},
     }
-    write_run_report(out, variants, extra, notes=_qat_notes(qat_report) if qat_report else ())
+    notes = list(_qat_notes(qat_report)) if qat_report else []
+    if deployed is not None:
+        extra["targets"] = {"table": deployed["table"], "results": deployed["results"]}
+        variants += [_target_variant(r) for r in deployed["results"][1:]]
+        notes += deployed["notes"]
+    variants[1]["target"] = "ort-x86"
+    write_run_report(out, variants, extra, notes=notes)
     return {"variants": variants, **extra, "output_dir": str(out)}
+
+
+def _deployment(s: Setup, outcome: Outcome, models: dict[str, bytes], fp32: onnx.ModelProto, model, eval_limit,
+                latency: bool) -> Deployment:
+    """What the targets are built from: the reference int8 graph, the float network it quantizes, its ranges."""
+    quantized_graph = outcome.checked_against or onnx.load(str(s.prepared_path))
+    ranges = outcome.ranges
+    if ranges is None:  # tuning / QAT: the ranges of every tensor of the graph it quantized, minmax
+        from recipes.sections import CalibrationConfig
+
+        with tempfile.TemporaryDirectory(dir=s.workdir, prefix="ranges.") as tmp:
+            path = Path(tmp) / "graph.onnx"
+            onnx.save(quantized_graph, str(path))
+            ranges = calibrate(path, s.reader, CalibrationConfig(method="minmax"), s.workdir)
+    s.reader.rewind()
+    batches = []
+    while (item := s.reader.get_next()) is not None:
+        batches.append(item["input"])
+    s.reader.rewind()
+    return Deployment(s.recipe, outcome.graph, models["int8"], models["fp32"], outcome.float_model or model,
+                      outcome.float_onnx or fp32, _range_dict(ranges), s.source, batches, Path(s.workdir), s.out,
+                      eval_limit, s.threads, latency, s.progress, "qat" if outcome.finish else "calibration")
+
+
+def _range_dict(ranges) -> dict[str, tuple[float, float]]:
+    out = {}
+    for name, v in ranges.data.items():
+        lo, hi = v.range_value
+        out[name] = (float(np.asarray(lo).reshape(-1)[0]), float(np.asarray(hi).reshape(-1)[0]))
+    return out
+
+
+def _target_variant(r: dict[str, Any]) -> dict[str, Any]:
+    """A target's artifact as a report variant (its latency is in its own runtime: in ``targets``, not here)."""
+    return {"name": f"int8/{r['target']}", "target": r["target"], "runtime": r["runtime"], "file": r["file"],
+            "is_reference": False, "accuracy": r["accuracy"], "agreement": r["agreement_with_float"],
+            "latency_ms": None, "size_bytes": r["size_bytes"]}
 
 
 def _write_models(out: Path, rec: Recipe, models: dict[str, bytes], evals: dict[str, dict], outcome: Outcome

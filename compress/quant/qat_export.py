@@ -28,7 +28,9 @@ from compress.quant.core import QuantizedGraph, prepare_float, quantize_prepared
 from compress.quant.qat import QATMobileNetV3, act_range
 from recipes.loader import QuantizeConfig
 
-__all__ = ["to_float", "QATParams", "qat_qparams", "export_qat", "fake_quant_logits"]
+__all__ = ["to_float", "QATParams", "qat_qparams", "export_qat", "fake_quant_logits", "QAT_FLOAT_ONNX"]
+
+QAT_FLOAT_ONNX = "qat_float.onnx"  # beside the prepared graph export_qat returns: the folded float model
 
 
 def _folded(mod: nn.Module, kind: str) -> tuple[Tensor, Tensor]:
@@ -144,7 +146,7 @@ def export_qat(model: QATMobileNetV3, recipe, workdir, preprocess, cpu=None, ext
     work = Path(workdir) / "qat"
     work.mkdir(parents=True, exist_ok=True)
     flt = to_float(model)
-    path = work / "qat_float.onnx"
+    path = work / QAT_FLOAT_ONNX
     export_onnx(flt.cpu(), path, preprocess, recipe="qat-float", extra_meta=extra_meta or {})
     prepared_path = prepare_float(onnx.load(str(path)), recipe.quantize, work)
     params = qat_qparams(model, onnx.load(str(prepared_path)), recipe.quantize)
