@@ -8,6 +8,7 @@ neighbour's job) hits every model alike; benchmarks and NetAdapt compare candida
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -132,7 +133,9 @@ def interleave(calls: Mapping[str, Callable[[], Any]], threads: int | None = 1, 
     ``runs_per_round=None`` sizes it from the warm-up so one call's round takes about ``round_time_s`` (5..500
     runs).  Per call: the :func:`measure_latency` keys over all its runs, plus ``round_medians`` (ms),
     ``spread`` (max/min of the round medians) and ``cv`` (their coefficient of variation) — the machine noise,
-    reported rather than hidden.  ``threads`` and ``batch`` are recorded as the settings the calls were made with.
+    reported rather than hidden — and ``measurement``, one id shared by every call of this run: latencies with
+    the same id were timed together and compare; latencies of different ids were not.  ``threads`` and
+    ``batch`` are recorded as the settings the calls were made with.
     """
     if not calls:
         raise UserError("interleave needs at least one call")
@@ -149,7 +152,8 @@ def interleave(calls: Mapping[str, Callable[[], Any]], threads: int | None = 1, 
         k = r % len(names)
         for name in names[k:] + names[:k]:
             times[name].append(np.asarray([_timed(calls[name]) for _ in range(per_round[name])]))
-    return {name: summarize_rounds(times[name], threads, batch) for name in names}
+    measurement = uuid.uuid4().hex[:12]
+    return {name: {**summarize_rounds(times[name], threads, batch), "measurement": measurement} for name in names}
 
 
 def _timed(call: Callable[[], Any]) -> float:

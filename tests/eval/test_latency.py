@@ -54,3 +54,5 @@ def test_interleaved_rounds(tiny):
         _consistent(stats)
     auto = measure_interleaved({"a": data}, rounds=2, warmup=2, round_time_s=0.01)
     assert 5 <= auto["a"]["runs"] // 2 <= 500
+    # one id per measurement: the calls timed together share it, another measurement has another
+    assert res["a"]["measurement"] == res["b"]["measurement"] != auto["a"]["measurement"]
