@@ -295,23 +295,36 @@ def quantize(recipe: str | os.PathLike | Recipe = "int8", weights: str | os.Path
             timings["targets_s"] = time.time() - t
 
     variants = _write_models(out, rec, models, evals, outcome)
-    ref_top1, q_top1 = evals["fp32"]["accuracy"]["top1"], evals["int8"]["accuracy"]["top1"]
-    calibration = {**reader.describe(), "method": outcome.calibration_method}
-    if outcome.calibration_used_by:
-        calibration = {**reader.describe(), "method": rec.calibration.method, "used_by": outcome.calibration_used_by}
-    elif outcome.finish is not None:
-        calibration = None  # QAT without a baseline: nothing was calibrated
     extra = {
         **run_header("quantize", rec, loaded.spec, weights, loaded.source, size, source.identity),
-        "evaluation": {"split": "test", "images": eval_limit or len(source.split("test")),
-                       "top1_drop_pt": None if ref_top1 is None or q_top1 is None
-                       else round(100 * (ref_top1 - q_top1), 3)},
-        "calibration": calibration, "quantization": facts, "checks": checks, "cpu": setup.cpu,
+        "evaluation": _evaluation(source, eval_limit, evals), "calibration": _calibration(reader, outcome, rec),
+        "quantization": facts, "checks": checks, "cpu": setup.cpu,
         "tuning": outcome.sections.get("tuning"), "qat": qat_report,
         "mixed_precision": outcome.sections.get("mixed_precision"),
         "timings_s": {k: round(v, 2) for k, v in timings.items()} | {"total": round(time.time() - t_start, 2)},
     }
-    notes = list(_qat_notes(qat_report)) if qat_report else []
+    return _write_report(out, variants, extra, deployed)
+
+
+def _evaluation(source, eval_limit: int | None, evals: dict[str, dict]) -> dict[str, Any]:
+    ref_top1, q_top1 = evals["fp32"]["accuracy"]["top1"], evals["int8"]["accuracy"]["top1"]
+    return {"split": "test", "images": eval_limit or len(source.split("test")),
+            "top1_drop_pt": None if ref_top1 is None or q_top1 is None else round(100 * (ref_top1 - q_top1), 3)}
+
+
+def _calibration(reader: TrainSplitReader, outcome: Outcome, rec: Recipe) -> dict[str, Any] | None:
+    if outcome.calibration_used_by:
+        return {**reader.describe(), "method": rec.calibration.method, "used_by": outcome.calibration_used_by}
+    if outcome.finish is not None:
+        return None  # QAT without a baseline: nothing was calibrated
+    return {**reader.describe(), "method": outcome.calibration_method}
+
+
+def _write_report(out: Path, variants: list[dict[str, Any]], extra: dict[str, Any], deployed: dict[str, Any] | None
+                  ) -> dict[str, Any]:
+    """report.json / report.md: the variants (each other target's artifact as one more), QAT's and the targets'
+    sections; returns the report with ``output_dir``."""
+    notes = list(_qat_notes(extra["qat"])) if extra["qat"] else []
     if deployed is not None:
         extra["targets"] = {"table": deployed["table"], "results": deployed["results"]}
         variants += [_target_variant(r) for r in deployed["results"][1:]]
