@@ -287,11 +287,12 @@ def recipes() -> None:
 @_workers_option
 @click.option("--input-size", type=click.IntRange(8), default=None, help="Square input side (default: the checkpoint's, else the dataset's).")
 @click.option("--target-latency-ratio", type=click.FloatRange(0, 1, min_open=True), default=None, help="Stop at this fraction of the unpruned latency (default: the recipe's).")
+@click.option("--target", "targets", default="ort-x86", show_default=True, help="netadapt-int8: where its int8 model deploys, comma-separated, as for quantize (the other targets' artifacts go to int8/).")
 @click.option("--limit-train", type=click.IntRange(1), default=None, help="Use only the first N train images (holdout and fine-tunes; smoke runs).")
 @click.option("--limit-test", type=click.IntRange(1), default=None, help="Evaluate the result on the first N test images only (default: the whole test split).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Where the fine-tunes run (auto: CUDA when there is one; under torchrun: GPU LOCAL_RANK). Latency is onnxruntime on the CPU.")
 @click.option("--output-dir", "-o", type=click.Path(file_okay=False), default=None, help="Where the models and reports go (default: runs/prune-RECIPE).")
-def prune(recipe: str, weights, arch, dataset, input_size, target_latency_ratio, limit_train, limit_test,
+def prune(recipe: str, weights, arch, dataset, input_size, target_latency_ratio, targets, limit_train, limit_test,
           device: str, output_dir, **model_options) -> None:
     """NetAdapt channel pruning to a measured-latency target (onnxruntime CPU), then a longer fine-tune.
 
@@ -309,14 +310,14 @@ def prune(recipe: str, weights, arch, dataset, input_size, target_latency_ratio,
     if limit_train is not None:
         overrides["limit_train"] = limit_train
     r = run_prune(recipe, weights=weights, arch=arch, dataset=dataset, input_size=input_size, output_dir=out,
-                  eval_limit=limit_test, device=device, model_options=model_options, **overrides)
+                  eval_limit=limit_test, device=device, model_options=model_options, targets=targets, **overrides)
     if r.get("rank", 0) != 0:  # under torchrun: rank 0 reports for all
         return
     for v in r["variants"]:
         top1 = v["accuracy"]["top1"]
         lat = (v.get("latency_ms") or {}).get("median")
         click.echo(f"{v['name']:>14}: top-1 {'n/a' if top1 is None else f'{100 * top1:.2f}%'}"
-                   f"{'' if lat is None else f', latency {lat:.4f} ms'}, {v['params']} params")
+                   f"{'' if lat is None else f', latency {lat:.4f} ms'}, {v.get('params', '–')} params")
     s = r["summary"]
     click.echo(f"speedup {s['speedup']:.2f}x, top-1 drop {s['top1_drop_pt']} pt after {s['iterations']} iterations "
                f"({s['stop']}); report: {Path(r['output_dir']) / 'report.md'}")

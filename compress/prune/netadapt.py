@@ -53,6 +53,7 @@ from compress.prune.channels import (
     structure_problems,
 )
 from compress.prune.latency_table import LatencyTable, SharedTable
+from compress.targets.registry import parse_targets
 from compress.training import distributed
 from compress.prune.outputs import PruneRun
 from compress.training.default_model import resolve_model
@@ -184,14 +185,16 @@ def prune(recipe: Any = "netadapt", weights: str | os.PathLike | None = None, ar
           dataset: str | None = None, input_size: int | None = None,
           output_dir: str | os.PathLike | None = None, eval_limit: int | None = None,
           progress: bool = True, device: str = "auto", model_options: dict[str, Any] | None = None,
-          **overrides: Any) -> dict[str, Any]:
+          targets: str | None = None, **overrides: Any) -> dict[str, Any]:
     """Run NetAdapt with ``recipe``'s ``[prune]`` section on a trained float model and write the outputs.
 
     ``weights=None`` uses the embedded default.  ``overrides`` replace ``[prune]`` keys (e.g.
     ``target_latency_ratio=0.8``, ``limit_train=N``); ``model_options`` (``width_mult``, ``minimalistic``,
     ``num_classes``, ``workers``, ``train_default``) go to :func:`compress.training.default_model.resolve_model`.
     ``eval_limit`` caps the final test-split evaluation (all when None).  ``device`` (auto / cpu / cuda; under
-    torchrun GPU ``LOCAL_RANK``) is where the fine-tunes run; latency is always onnxruntime on the CPU.  Returns
+    torchrun GPU ``LOCAL_RANK``) is where the fine-tunes run; latency is always onnxruntime on the CPU.
+    ``targets`` (``"ort-x86,openvino,..."``) are where a recipe's int8 step (``quantize_after``) deploys, as
+    :func:`compress.quant.pipeline.quantize`'s; a recipe without that step takes only ``ort-x86``.  Returns
     the report (``report.json``'s content) plus ``output_dir``; under torchrun, ranks other than 0 return
     ``{"rank", "world_size", "output_dir"}`` after the final fine-tune, having written nothing.
     """
@@ -200,6 +203,10 @@ def prune(recipe: Any = "netadapt", weights: str | os.PathLike | None = None, ar
     if overrides:
         rec = rec.with_overrides("prune", **overrides)
     cfg = rec.prune
+    deploy_to = [t.name for t in parse_targets(targets)]  # a missing runtime fails now, not after the search
+    if len(deploy_to) > 1 and not cfg.quantize_after:
+        raise UserError(f"--target {','.join(deploy_to[1:])}: recipe {rec.name} has no int8 step to deploy "
+                        f"(quantize_after = false); use netadapt-int8")
     if launched_by_torchrun() and cfg.quantize_after and rec.strategy == "qat":
         raise UserError("under torchrun, prune cannot run a QAT recipe after pruning (rank 0 would train alone): "
                         "prune first, then run 'quantize' under torchrun with --weights OUTPUT_DIR/model.pt")
@@ -223,7 +230,7 @@ def prune(recipe: Any = "netadapt", weights: str | os.PathLike | None = None, ar
             final_history = search.final_finetune()
         if not ctx.is_main:  # the search is done: rank 0 writes, evaluates and measures
             return {"rank": ctx.rank, "world_size": ctx.world_size, "output_dir": str(out)}
-        run = PruneRun(rec, loaded, source, out, eval_limit, weights, progress, t_start)
+        run = PruneRun(rec, loaded, source, out, eval_limit, weights, progress, t_start, ",".join(deploy_to))
         return run.finish(search, final_history)
     finally:
         torch.set_num_threads(old_threads)

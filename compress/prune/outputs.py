@@ -30,9 +30,10 @@ class PruneRun:
     report (the search's trajectory, the latency table's accuracy, the final fine-tune)."""
 
     def __init__(self, rec: Recipe, loaded, source: DataSource, out: Path, eval_limit, weights, progress: bool,
-                 t_start: float) -> None:
+                 t_start: float, targets: str | None = None) -> None:
         self.rec, self.cfg, self.loaded, self.source, self.out = rec, rec.prune, loaded, source, out
         self.eval_limit, self.weights, self.progress, self.t_start = eval_limit, weights, progress, t_start
+        self.targets = targets
         self.size = source.preprocess.input_size
 
     def write_models(self, seed_model: MobileNetV3, pruned: MobileNetV3, stop: str) -> dict[str, bytes]:
@@ -48,18 +49,22 @@ class PruneRun:
         return {"fp32": (out / "reference_fp32.onnx").read_bytes(),
                 "netadapt-fp32": (out / "model_fp32.onnx").read_bytes()}
 
-    def quantize_pruned(self) -> tuple[dict[str, Any], dict[str, Any], bytes]:
-        """netadapt-int8: the recipe's [quantize] / [calibration] applied to the pruned checkpoint (int8/)."""
+    def quantize_pruned(self) -> tuple[list[dict[str, Any]], dict[str, Any], bytes]:
+        """netadapt-int8: the recipe's [quantize] / [calibration] applied to the pruned checkpoint (int8/); the
+        int8 variant, then one per other deploy target (their latency is their runtime's: not measured here)."""
         from compress.quant.pipeline import quantize
 
         q = quantize(self.rec.replace(command="quantize"), weights=self.out / "model.pt", dataset=self.source.name,
                      input_size=self.size[0], workers=self.source.workers,
                      output_dir=self.out / "int8", eval_limit=self.eval_limit, threads=self.cfg.threads,
-                     latency=False, progress=self.progress)
+                     latency=False, progress=self.progress, targets=self.targets)
         qv = next(v for v in q["variants"] if v["name"] == "int8")
-        variant = {**qv, "name": "netadapt-int8", "file": "int8/model_int8.onnx", "recipe": self.rec.name}
-        quantized = {"report": "int8/report.json", "checks": q.get("checks"), "quantization": q.get("quantization")}
-        return variant, quantized, (self.out / "int8" / "model_int8.onnx").read_bytes()
+        variants = [{**qv, "name": "netadapt-int8", "file": "int8/model_int8.onnx", "recipe": self.rec.name}]
+        variants += [{**v, "name": f"netadapt-int8/{v['target']}", "file": f"int8/{v['file']}", "recipe": self.rec.name}
+                     for v in q["variants"] if v.get("target") not in (None, "ort-x86")]
+        quantized = {"report": "int8/report.json", "checks": q.get("checks"), "quantization": q.get("quantization"),
+                     "targets": q.get("targets")}
+        return variants, quantized, (self.out / "int8" / "model_int8.onnx").read_bytes()
 
     def finish(self, search, final_history: list[dict[str, Any]]) -> dict[str, Any]:
         seed_model, pruned, cfg, src = search.seed_model, search.current, self.cfg, self.source
@@ -72,11 +77,11 @@ class PruneRun:
                      "recipe": self.rec.name, **ev_pruned}]
         quantized = None
         if cfg.quantize_after:
-            variant, quantized, models["netadapt-int8"] = self.quantize_pruned()
-            variants.append(variant)
+            int8_variants, quantized, models["netadapt-int8"] = self.quantize_pruned()
+            variants += int8_variants
         lat = measure_interleaved(models, threads=cfg.threads, batch=cfg.batch, rounds=FINAL_ROUNDS)
         for v in variants:
-            v["latency_ms"] = lat[v["name"]]
+            v["latency_ms"] = lat.get(v["name"])  # another target's artifact: timed in its runtime, not here
         search.timings["total"] = time.time() - self.t_start
         extra = self.report(search, final_history, lat, ev_ref, ev_pruned, quantized)
         write_run_report(self.out, variants, extra)

@@ -174,3 +174,15 @@ def test_netadapt_int8_quantizes_the_pruned_network(tmp_path, monkeypatch):
     # the int8 recipe ran on the pruned network, not on the unpruned one
     assert int8["variants"][0]["params"] == r["summary"]["params_pruned"]
     assert all(v["latency_ms"]["median"] > 0 for v in r["variants"])
+
+
+def test_other_targets_need_an_int8_step(tmp_path):
+    """--target beyond ort-x86 deploys netadapt-int8's int8 model; a recipe without that step refuses it at once
+    (before any model is loaded or searched)."""
+    from compress.errors import UserError
+    from compress.prune.netadapt import prune
+
+    with pytest.raises(UserError, match="no int8 step"):
+        prune("netadapt", weights=str(tmp_path / "missing.pt"), output_dir=tmp_path / "out", targets="ort-x86,ort-arm64")
+    with pytest.raises(UserError, match="unknown target"):
+        prune("netadapt-int8", weights=str(tmp_path / "missing.pt"), output_dir=tmp_path / "out", targets="tpu")
