@@ -1,61 +1,36 @@
-"""Run reports and comparisons: ``report.json`` + ``report.md`` per run, and ``compare`` across runs with the
-accuracy/latency Pareto front drawn to ``pareto.png``.
+"""Run reports and comparisons: ``report.json`` + ``report.md`` per run, and ``compare DIR...`` across runs with
+the trade-off picture drawn to ``pareto.png`` (:mod:`eval.tradeoff`).
 
 A run report is ``{"variants": [{"name", "file", "is_reference", ...evaluate_onnx fields}, ...], ...extra}``;
 "Δ vs float" and "speedup" are taken against the run's reference variant (``is_reference``), which is the
 float model the run compressed.  A run may add a ``trajectory`` list (e.g. NetAdapt iterations) of points
 with a latency (``latency_ms`` as a number or ``{"median": ...}``) and an accuracy (``top1`` or
-``accuracy.top1``); compare draws it as a line.
+``accuracy.top1``) measured on a holdout: compare draws it in a panel of its own, never on the test axis.
+
+Latencies compare only when they were timed together: ``compare DIR...`` groups variants by their
+measurement (the id :func:`eval.latency.interleave` gives them; a report without ids counts as one measurement
+per run) and machine, and with more than one group it says so and draws one front per group, never one across
+them.
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Sequence
 
 from compress.errors import UserError
-from compress.io import ensure_dir, write_json, write_text, write_with
+from compress.io import ensure_dir, write_json, write_text
+from eval.tradeoff import finite, holdout_panel, latency, latency_panel, pareto_front, plot_tradeoff, size_panel, top1
 
 REPORT_JSON, REPORT_MD, PARETO_PNG = "report.json", "report.md", "pareto.png"
 COLUMNS = ("variant", "top-1", "Δ vs float (pt)", "latency median ms (p90)", "speedup vs float", "size",
            "params", "MACs")
 
 
-# -- the Pareto front -----------------------------------------------------------------------------------
-
-def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
-    """Indices of the points no other point dominates (lower latency and higher accuracy are better; a point is
-    dominated by one that is at least as good on both and strictly better on one).  Points with a missing or
-    non-finite value are never on the front.  Sorted by latency, then index."""
-    valid = [i for i, p in enumerate(points) if _finite(p[0]) and _finite(p[1])]
-    front = []
-    for i in valid:
-        li, ai = points[i]
-        dominated = any(points[j][0] <= li and points[j][1] >= ai and (points[j][0] < li or points[j][1] > ai)
-                        for j in valid if j != i)
-        if not dominated:
-            front.append(i)
-    return sorted(front, key=lambda i: (points[i][0], i))
-
-
 # -- field access ---------------------------------------------------------------------------------------
 
-def _top1(v: dict) -> float | None:
-    acc = v.get("accuracy")
-    value = acc.get("top1") if isinstance(acc, dict) else (acc if _finite(acc) else v.get("top1"))
-    return float(value) if _finite(value) else None
-
-
-def _latency(v: dict) -> float | None:
-    lat = v.get("latency_ms")
-    value = lat.get("median") if isinstance(lat, dict) else lat
-    return float(value) if _finite(value) else None
+_finite, _top1, _latency = finite, top1, latency
 
 
 def _p90(v: dict) -> float | None:
@@ -212,61 +187,6 @@ def load_run_report(run_dir: str | os.PathLike) -> dict:
     return data
 
 
-def _trajectory_points(traj: Any) -> list[tuple[float, float]]:
-    points = []
-    for item in traj if isinstance(traj, list) else []:
-        if isinstance(item, dict):
-            lat, top1 = _latency(item), _top1(item)
-            if lat is not None and top1 is not None:
-                points.append((lat, top1))
-    return points
-
-
-def plot_pareto(path: str | os.PathLike, variants: Sequence[dict], trajectories: dict[str, list] | None = None,
-                title: str = "Accuracy vs measured latency") -> Path:
-    """Top-1 against median latency (p90 as an error bar), the Pareto front as a step line, NetAdapt-style
-    trajectories as dashed lines; written atomically as PNG with matplotlib's Agg backend."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7.5, 5), dpi=120)
-    ax = fig.add_subplot(1, 1, 1)
-    pts = [(_latency(v), _top1(v)) for v in variants]
-    usable = [i for i, (lat, acc) in enumerate(pts) if lat is not None and acc is not None]
-    front = pareto_front(pts)
-    for name, traj in (trajectories or {}).items():
-        tp = _trajectory_points(traj)
-        if tp:
-            ax.plot([p[0] for p in tp], [100 * p[1] for p in tp], "--", color="0.6", lw=1, marker=".",
-                    label=f"{name} trajectory")
-    for i in usable:
-        lat, acc = pts[i]
-        p90 = _p90(variants[i])
-        xerr = [[0], [max(0.0, p90 - lat)]] if p90 is not None else None
-        on = i in front
-        ax.errorbar([lat], [100 * acc], xerr=xerr, fmt="o", color="C3" if on else "C0", ms=6 if on else 5,
-                    capsize=2, lw=0.8)
-        ax.annotate(str(variants[i].get("name")), (lat, 100 * acc), textcoords="offset points", xytext=(5, 4),
-                    fontsize=7)
-    if front:
-        fx = [pts[i][0] for i in front]
-        fy = [100 * pts[i][1] for i in front]
-        ax.step(fx, fy, where="post", color="C3", lw=1.2, label="Pareto front")
-    if not usable:
-        ax.text(0.5, 0.5, "no variant has both accuracy and latency", ha="center", va="center",
-                transform=ax.transAxes)
-    ax.set_xlabel("latency, median ms (bar to p90)")
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    if front or trajectories:
-        ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    return write_with(path, lambda tmp: fig.savefig(tmp, format="png"))
-
-
 def _run_names(dirs: Sequence[str | os.PathLike]) -> list[str]:
     names = [Path(d).resolve().name if Path(d).is_dir() else Path(d).resolve().parent.name for d in dirs]
     counts: dict[str, int] = {}
@@ -277,11 +197,63 @@ def _run_names(dirs: Sequence[str | os.PathLike]) -> list[str]:
     return out
 
 
+def _machine_text(v: dict) -> str | None:
+    m = v.get("machine")
+    return _machines([v])[0] if isinstance(m, dict) else None
+
+
+def latency_groups(variants: Sequence[dict]) -> list[dict[str, Any]]:
+    """The variants that have a latency, grouped by what timed them together: their measurement id (a report
+    without ids: its run) and their machine.  Each group: ``label``, ``measurement``, ``run``, ``machine``,
+    ``variants`` (names) and ``pareto_front`` (names, within the group)."""
+    groups: dict[tuple, dict[str, Any]] = {}
+    for v in variants:
+        if _latency(v) is None:
+            continue
+        mid = v["latency_ms"].get("measurement") if isinstance(v["latency_ms"], dict) else None
+        key = (mid or f"run:{v.get('run')}", _machine_text(v))
+        g = groups.setdefault(key, {"measurement": mid, "run": v.get("run"), "runtime": v.get("runtime"),
+                                    "machine": key[1], "variants": []})
+        g["variants"].append(v["name"])
+    per_run = [(g["run"], g["runtime"]) for g in groups.values()]
+    by_name = {v["name"]: v for v in variants}
+    for g in groups.values():
+        g["label"] = str(g["run"]) + (f" {g['runtime']}" if g["runtime"] else "")
+        if per_run.count((g["run"], g["runtime"])) > 1 and g["measurement"]:
+            g["label"] += f" [{g['measurement']}]"
+        members = [by_name[n] for n in g["variants"]]
+        g["pareto_front"] = [members[i]["name"] for i in pareto_front([(_latency(m), _top1(m)) for m in members])]
+    return list(groups.values())
+
+
+def _comparison_notes(groups: list[dict[str, Any]], trajectories: dict) -> tuple[list[str], list[str]]:
+    """report.md's lines after the table, and the warnings (also for the command line)."""
+    warnings = []
+    if len(groups) > 1:
+        machines = {g["machine"] for g in groups}
+        why = "on different machines" if len(machines) > 1 else "in separate runs"
+        warnings.append(f"latencies come from {len(groups)} separate measurements (timed {why}: "
+                        f"{', '.join(g['label'] for g in groups)}); they do not compare across measurements, so "
+                        f"each has its own Pareto front and none is drawn across them")
+        notes = ["", f"**Warning: {warnings[0]}.** To time variants together, use `mnv3-compress compare --recipes "
+                     f"...`.", ""]
+        notes += [f"- Pareto front within {g['label']}: {', '.join(g['pareto_front']) or 'none'}." for g in groups]
+    else:
+        front = groups[0]["pareto_front"] if groups else []
+        notes = ["", f"Pareto front (accuracy vs latency): {', '.join(front) or 'none'}."]
+    if trajectories:
+        notes += ["", f"NetAdapt trajectories ({', '.join(trajectories)}) score on held-out TRAIN images: they are "
+                      f"drawn in their own holdout panel, never on the test-accuracy axis."]
+    return notes + ["", f"![accuracy vs latency and size]({PARETO_PNG})"], warnings
+
+
 def compare_runs(dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> dict:
     """Gather the variants of the runs in ``dirs`` into ``out_dir``: report.json, report.md and pareto.png.
 
-    Variants are named ``RUN/VARIANT``; "Δ vs float" and "speedup" use each run's own reference.  Returns the
-    written report (``variants``, ``runs``, ``pareto_front`` names, ``files``)."""
+    Variants are named ``RUN/VARIANT``; "Δ vs float" and "speedup" use each run's own reference.  Latencies are
+    grouped by measurement (:func:`latency_groups`): with more than one group, the report warns and each group
+    gets its own front and panel.  Returns the written report (``variants``, ``runs``, ``latency_groups``,
+    ``pareto_front`` names - None when there is more than one group -, ``warnings``, ``plot``, ``files``)."""
     if not dirs:
         raise UserError("compare needs at least one run directory")
     loaded = [(d, run, load_run_report(d)) for d, run in zip(dirs, _run_names(dirs))]  # fail before writing
@@ -291,7 +263,10 @@ def compare_runs(dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike) 
         base = Path(d) if Path(d).is_dir() else Path(d).parent
         variants = []
         for v in data["variants"]:
-            v = dict(v, name=f"{run}/{v['name']}", run=run)
+            on = f"@{v['runtime']}" if v.get("runtime") not in (None, "ort-x86") else ""  # a comparison's rows
+            v = dict(v, name=f"{run}/{v['name']}{on}", run=run)
+            if "machine" not in v and isinstance(data.get("machine"), dict):  # a comparison records it once
+                v["machine"] = data["machine"]
             if isinstance(v.get("file"), str):
                 v["file"] = os.path.relpath((base / v["file"]).resolve(), out.resolve())
             variants.append(v)
@@ -300,14 +275,23 @@ def compare_runs(dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike) 
         runs.append({"name": run, "dir": os.path.relpath(base.resolve(), out.resolve())})
         if data.get("trajectory"):
             trajectories[run] = data["trajectory"]
-    front = pareto_front([(_latency(v), _top1(v)) for v in all_variants])
-    front_names = [all_variants[i]["name"] for i in front]
-    plot_pareto(out / PARETO_PNG, all_variants, trajectories)
-    notes = ["", f"Pareto front (accuracy vs latency): {', '.join(front_names) or 'none'}.", "",
-             f"![accuracy vs latency]({PARETO_PNG})"]
+    measured = latency_groups(all_variants)
+    largest = max((v.get("size_bytes") or 0 for v in all_variants if finite(v.get("size_bytes"))), default=0)
+    by_name = {v["name"]: v for v in all_variants}
+    panels = ([latency_panel("Accuracy vs measured latency", all_variants, largest=largest)] if len(measured) <= 1
+              else [latency_panel(f"{g['label']}: one measurement", [by_name[n] for n in g["variants"]],
+                                  largest=largest, note="not comparable with the other latency panels")
+                    for g in measured])
+    panels.append(size_panel(all_variants, largest=largest))
+    if trajectories:
+        panels.append(holdout_panel(trajectories))
+    plot_tradeoff(out / PARETO_PNG, panels)
+    notes, warnings = _comparison_notes(measured, trajectories)
     md = _markdown("Comparison of " + ", ".join(r["name"] for r in runs), groups, notes)
     write_text(out / REPORT_MD, md)
-    report = {"variants": all_variants, "runs": runs, "pareto_front": front_names,
+    report = {"variants": all_variants, "runs": runs, "latency_groups": measured,
+              "pareto_front": measured[0]["pareto_front"] if len(measured) == 1 else [] if not measured else None,
+              "warnings": warnings, "plot": {"file": PARETO_PNG, "panels": panels},
               "files": {"json": REPORT_JSON, "markdown": REPORT_MD, "plot": PARETO_PNG}}
     write_json(out / REPORT_JSON, report)
     return report

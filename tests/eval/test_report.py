@@ -52,23 +52,50 @@ def test_run_report_table(tmp_path):
     assert "Machine: Test CPU, 2 cores" in md
 
 
-def test_compare_renders(tmp_path):
+def test_compare_of_separate_runs_warns_and_draws_no_front_across_them(tmp_path):
+    """Two runs timed their latencies separately: the report says so, and each run gets its own front and panel;
+    the NetAdapt-style trajectory (holdout accuracy) is drawn in its own panel, not on the test axis."""
     a = _run(tmp_path, "runA", [_variant("fp32", 0.90, 2.0, ref=True), _variant("int8", 0.89, 1.0)],
              trajectory=[{"latency_ms": 1.8, "top1": 0.9}, {"latency_ms": {"median": 1.4}, "accuracy": {"top1": 0.88}}])
     b = _run(tmp_path, "runB", [_variant("fp32", 0.91, 2.1, ref=True), _variant("pruned", 0.80, 1.5)])
     out = tmp_path / "cmp"
     report = compare_runs([a, b], out)
     assert [v["name"] for v in report["variants"]] == ["runA/fp32", "runA/int8", "runB/fp32", "runB/pruned"]
-    assert report["pareto_front"] == ["runA/int8", "runA/fp32", "runB/fp32"]
+    assert report["pareto_front"] is None  # no front across separate measurements
+    assert [(g["label"], g["pareto_front"]) for g in report["latency_groups"]] == [
+        ("runA", ["runA/int8", "runA/fp32"]), ("runB", ["runB/pruned", "runB/fp32"])]
     assert json.loads((out / "report.json").read_text()) == report
     assert (out / report["variants"][0]["file"]).resolve() == (a / "model_fp32.onnx").resolve()
     md = (out / "report.md").read_text()
     assert "| runB/pruned | 80.00 % | -11.00 | 1.500 (1.650) | 1.40× |" in md
-    assert "Pareto front (accuracy vs latency): runA/int8, runA/fp32, runB/fp32." in md
+    assert "**Warning: latencies come from 2 separate measurements (timed in separate runs: runA, runB)" in md
+    assert "- Pareto front within runA: runA/int8, runA/fp32." in md
+    assert report["warnings"] and "separate measurements" in report["warnings"][0]
+    panels = report["plot"]["panels"]
+    assert [p["kind"] for p in panels] == ["latency", "latency", "size", "holdout"]
+    assert [p["name"] for p in panels[0]["points"]] == ["runA/fp32", "runA/int8"]  # the trajectory is not here
+    assert [p["name"] for p in panels[1]["points"]] == ["runB/fp32", "runB/pruned"]
+    assert panels[3]["lines"] == [{"name": "runA", "points": [[1.8, 90.0], [1.4, 88.0]]}]
+    assert "holdout" in panels[3]["ylabel"] and "test" in panels[0]["ylabel"]
     with Image.open(out / "pareto.png") as img:
         img.verify()
     with Image.open(out / "pareto.png") as img:
         assert img.format == "PNG" and img.size[0] > 300 and img.size[1] > 200
+
+
+def test_compare_draws_one_front_for_latencies_of_one_measurement(tmp_path):
+    variants = [_variant("fp32", 0.90, 2.0, ref=True), _variant("int8", 0.89, 1.0), _variant("slow", 0.85, 3.0)]
+    for v in variants:
+        v["latency_ms"]["measurement"] = "m1"
+    report = compare_runs([_run(tmp_path, "run", variants)], tmp_path / "out")
+    assert report["pareto_front"] == ["run/int8", "run/fp32"] and report["warnings"] == []
+    assert len(report["latency_groups"]) == 1
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "Pareto front (accuracy vs latency): run/int8, run/fp32." in md and "Warning" not in md
+    # the same measurement id on another machine is another measurement
+    other = [dict(v, machine={**v["machine"], "cpu": "Other CPU"}) for v in variants[:2]]
+    report = compare_runs([_run(tmp_path, "run", variants), _run(tmp_path, "other", other)], tmp_path / "out2")
+    assert report["pareto_front"] is None and "on different machines" in report["warnings"][0]
 
 
 def test_compare_without_accuracy_still_renders(tmp_path):
