@@ -193,17 +193,59 @@ def eval_cmd(model: str, dataset, limit, threads: int, batch: int, reference, js
 
 
 # == compare =======================================================================================
+_RECIPES_ONLY = ("targets", "weights", "arch", "width_mult", "minimalistic", "num_classes", "train_default", "dataset",
+                 "workers", "input_size", "limit_train", "limit_test", "threads", "device", "remeasure")
+
+
 @main.command()
-@click.argument("dirs", nargs=-1, required=True, type=click.Path(exists=True))
-@click.option("--output-dir", "-o", type=click.Path(file_okay=False), required=True, help="Where report.json, report.md and pareto.png go.")
-def compare(dirs, output_dir: str) -> None:
-    """Gather the variants of one or more runs (their report.json) into one table and an accuracy/latency plot."""
+@click.argument("dirs", nargs=-1, type=click.Path(exists=True))
+@click.option("--recipes", default=None, help="Comma-separated recipes (names or TOML paths): run each one that is not finished into OUT/runs/RECIPE/, then measure every variant together. Instead of DIRS.")
+@click.option("--target", "targets", default=None, help="With --recipes: deploy targets, comma-separated (default: every target whose runtime is installed here).")
+@_model_options
+@click.option("--dataset", default=None, help="With --recipes: the data of every sub-run (default: the checkpoint's, else fashion-mnist). " + _DATASET_HELP)
+@_workers_option
+@click.option("--input-size", type=click.IntRange(8), default=None, help="With --recipes: square input side (default: the checkpoint's, else the dataset's).")
+@click.option("--limit-train", type=click.IntRange(1), default=None, help="With --recipes: recipes that train (QAT, NetAdapt) use the first N train images only (smoke runs).")
+@click.option("--limit-test", type=click.IntRange(1), default=None, help="With --recipes: every variant is evaluated on the first N test images (default: the whole test split).")
+@click.option("--threads", type=click.IntRange(1), default=1, show_default=True, help="With --recipes: intra-op threads of the latency measurements.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="With --recipes: where QAT and NetAdapt's fine-tunes train.")
+@click.option("--remeasure", is_flag=True, help="With --recipes: time every runtime again even when its artifacts were measured by an earlier compare in OUT.")
+@click.option("--output-dir", "-o", type=click.Path(file_okay=False), required=True, help="Where report.json, report.md, report.html (with --recipes) and pareto.png go; with --recipes also the sub-runs (OUT/runs/).")
+def compare(dirs, recipes, output_dir: str, **kw) -> None:
+    """Every variant in one table and one trade-off picture: accuracy vs measured latency per runtime, vs size.
+
+    compare --recipes int8,int8-qat,netadapt,netadapt-int8 -o OUT runs what is missing (finished sub-runs in OUT
+    are reused; an interrupted one resumes), times every variant of a runtime in one interleaved run and
+    evaluates all on the same test images.  compare DIR... -o OUT gathers runs made earlier, and says when their
+    latencies come from separate runs or machines instead of drawing one front across them.
+    """
     from pathlib import Path
 
-    from eval.report import REPORT_MD, compare_runs
+    from click.core import ParameterSource
 
-    compare_runs(list(dirs), output_dir)
-    click.echo(str(Path(output_dir) / REPORT_MD))
+    ctx = click.get_current_context()
+    if bool(recipes) == bool(dirs):
+        raise click.UsageError("give either run directories (compare DIR... -o OUT) or --recipes (compare --recipes "
+                               "int8,int8-qat,... -o OUT)")
+    if not recipes:
+        given = [k for k in _RECIPES_ONLY if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE]
+        if given:
+            raise click.UsageError(f"--{given[0].replace('_', '-')} applies with --recipes only")
+        from eval.report import REPORT_MD, compare_runs
+
+        report = compare_runs(list(dirs), output_dir)
+        for w in report["warnings"]:
+            click.echo(f"Warning: {w}", err=True)
+        click.echo(str(Path(output_dir) / REPORT_MD))
+        return
+    from compress.compare.pipeline import compare_recipes
+    from eval.comparison import markdown_table
+
+    report = compare_recipes(recipes, output_dir, log=click.echo, **kw)
+    ran = [r["recipe"] for r in report["runs"] if r["status"] == "ran"]
+    click.echo(f"\ncompare: {len(report['variants'])} variants, wall time {report['wall_s']:.1f} s (ran: "
+               f"{', '.join(ran) or 'nothing'}; reused: {len(report['runs']) - len(ran)} sub-run(s)); "
+               f"report: {Path(output_dir) / 'report.md'}\n\n{markdown_table(report)}")
 
 
 # == quantize ======================================================================================
