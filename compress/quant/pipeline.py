@@ -35,10 +35,10 @@ from compress.io import ensure_dir, write_bytes, write_text
 from compress.onnx.export import export_onnx
 from compress.onnx.metadata import get_metadata, set_metadata
 from compress.quant.checks import int8_checks
-from compress.quant.core import QuantizedGraph, calibrate, prepare_float, quantize_prepared
+from compress.quant.core import QuantizedGraph, calibrate, prepare_float, quantize_prepared, range_dict
 from compress.quant.cpu import cpu_int8_info, resolve_reduce_range
-from compress.targets.registry import parse_targets
 from compress.targets.deploy import Deployment, deploy
+from compress.targets.registry import parse_targets
 from compress.training import distributed
 from compress.training.default_model import resolve_model
 from compress.training.distributed import DistContext, choose_device, launch_rank, launched_by_torchrun
@@ -223,15 +223,16 @@ def quantize(recipe: str | os.PathLike | Recipe = "int8", weights: str | os.Path
              **model_options: Any) -> dict[str, Any]:
     """Apply ``recipe`` to a float model and write the deployable int8 model with its evidence.
 
-    ``weights=None`` uses the embedded default (MobileNetV3-Small trained on Fashion-MNIST).  Writes
+    ``weights=None`` uses the embedded default (:mod:`compress.models.default`).  Writes
     ``model_fp32.onnx``, ``model_int8.onnx``, ``recipe.toml`` (the resolved recipe), ``report.json`` and
     ``report.md`` into ``output_dir`` - each atomically, the report last.  Accuracy is measured on the first
     ``eval_limit`` test images (all when None); latency with ``threads`` threads at batch 1, both variants
     interleaved in one measurement.  ``device`` (auto / cpu / cuda) is where a QAT recipe trains (under
     torchrun: GPU ``LOCAL_RANK``); export and evaluation run on the CPU.  ``limit_train`` trains QAT on the first
     N train images.  ``targets`` (``"ort-x86,openvino,..."``, :mod:`compress.targets`) also writes and measures
-    each target's artifact from the same scales (``scales.json``).  ``model_options`` (``width_mult``, ``minimalistic``, ``num_classes``, ``workers``,
-    ``train_default``, ``random_init``) go to :func:`compress.training.default_model.resolve_model`.  Returns the
+    each target's artifact from the same scales (``scales.json``).  ``model_options`` (``width_mult``,
+    ``minimalistic``, ``num_classes``, ``workers``, ``train_default``, ``random_init``) go to
+    :func:`compress.training.default_model.resolve_model`.  Returns the
     report (``report.json``'s content); under torchrun, ranks other than 0 return ``{"rank", "world_size",
     "output_dir"}`` once training is done, having written nothing.
     """
@@ -243,29 +244,18 @@ def quantize(recipe: str | os.PathLike | Recipe = "int8", weights: str | os.Path
     trainer = TRAINERS.get(rec.strategy)
     if rank != 0 and trainer is None:  # nothing to share: rank 0 runs this recipe alone
         return {"rank": rank, "world_size": world_size, "output_dir": str(output_dir)}
-    if launched_by_torchrun() and model_options.get("train_default"):
-        raise UserError("--train-default does not run under torchrun (every process would train it): train the "
-                        "default once without torchrun, then launch with --weights")
+    _check_launch(model_options)
     out = ensure_dir(output_dir) if rank == 0 else Path(output_dir)
     loaded, source = resolve_model(weights, arch, dataset=dataset, input_size=input_size,
                                    progress=progress and rank == 0, **model_options)
     size = source.preprocess.input_size
     timings: dict[str, float] = {}
-    trained = None
-    if trainer is not None:
-        t = time.time()
-        with distributed.session(device) as ctx:
-            trained = trainer(rec, loaded.model, source, out, progress and ctx.is_main, ctx)
-        timings[f"{rec.strategy}_train_s"] = time.time() - t
-        if not ctx.is_main:  # training is done: rank 0 exports, evaluates and writes
-            return {"rank": ctx.rank, "world_size": ctx.world_size, "output_dir": str(out)}
+    trained, ctx = _train(trainer, rec, loaded.model, source, out, progress, device, timings)
+    if ctx is not None and not ctx.is_main:  # training is done: rank 0 exports, evaluates and writes
+        return {"rank": ctx.rank, "world_size": ctx.world_size, "output_dir": str(out)}
     with tempfile.TemporaryDirectory(prefix="mnv3-quantize.") as wd:
         t = time.time()
-        fp32_path = Path(wd) / "model_fp32.onnx"
-        export_onnx(loaded.model, fp32_path, source.preprocess, recipe="fp32",
-                    extra_meta={"dataset": source.name, "weights": str(weights) if weights else "default"})
-        fp32 = onnx.load(str(fp32_path))
-        prepared_path = prepare_float(fp32, rec.quantize, wd)
+        fp32_path, fp32, prepared_path = _export(loaded.model, source, weights, rec, Path(wd))
         timings["export_s"] = time.time() - t
 
         t = time.time()
@@ -296,11 +286,7 @@ def quantize(recipe: str | os.PathLike | Recipe = "int8", weights: str | os.Path
 
     variants = _write_models(out, rec, models, evals, outcome)
     ref_top1, q_top1 = evals["fp32"]["accuracy"]["top1"], evals["int8"]["accuracy"]["top1"]
-    calibration = {**reader.describe(), "method": outcome.calibration_method}
-    if outcome.calibration_used_by:
-        calibration = {**reader.describe(), "method": rec.calibration.method, "used_by": outcome.calibration_used_by}
-    elif outcome.finish is not None:
-        calibration = None  # QAT without a baseline: nothing was calibrated
+    calibration = _calibration_section(reader, outcome, rec)
     extra = {
         **run_header("quantize", rec, loaded.spec, weights, loaded.source, size, source.identity),
         "evaluation": {"split": "test", "images": eval_limit or len(source.split("test")),
@@ -321,6 +307,41 @@ def quantize(recipe: str | os.PathLike | Recipe = "int8", weights: str | os.Path
     return {"variants": variants, **extra, "output_dir": str(out)}
 
 
+def _check_launch(model_options: dict[str, Any]) -> None:
+    if launched_by_torchrun() and model_options.get("train_default"):
+        raise UserError("--train-default does not run under torchrun (every process would train it): train the "
+                        "default once without torchrun, then launch with --weights")
+
+
+def _train(trainer, rec: Recipe, model, source, out: Path, progress: bool, device: str, timings: dict[str, float]):
+    """The recipe's training (QAT), as DDP under torchrun: (what it returns, the process context), or (None,
+    None) for recipes that do not train."""
+    if trainer is None:
+        return None, None
+    t = time.time()
+    with distributed.session(device) as ctx:
+        trained = trainer(rec, model, source, out, progress and ctx.is_main, ctx)
+    timings[f"{rec.strategy}_train_s"] = time.time() - t
+    return trained, ctx
+
+
+def _export(model, source, weights, rec: Recipe, wd: Path) -> tuple[Path, onnx.ModelProto, Path]:
+    """The float model's ONNX (path and proto) and the prepared graph calibration and quantization read."""
+    fp32_path = wd / "model_fp32.onnx"
+    export_onnx(model, fp32_path, source.preprocess, recipe="fp32",
+                extra_meta={"dataset": source.name, "weights": str(weights) if weights else "default"})
+    fp32 = onnx.load(str(fp32_path))
+    return fp32_path, fp32, prepare_float(fp32, rec.quantize, wd)
+
+
+def _calibration_section(reader, outcome: Outcome, rec: Recipe) -> dict[str, Any] | None:
+    if outcome.calibration_used_by:
+        return {**reader.describe(), "method": rec.calibration.method, "used_by": outcome.calibration_used_by}
+    if outcome.finish is not None:
+        return None  # QAT without a baseline: nothing was calibrated
+    return {**reader.describe(), "method": outcome.calibration_method}
+
+
 def _deployment(s: Setup, outcome: Outcome, models: dict[str, bytes], fp32: onnx.ModelProto, model, eval_limit,
                 latency: bool) -> Deployment:
     """What the targets are built from: the reference int8 graph, the float network it quantizes, its ranges."""
@@ -339,16 +360,8 @@ def _deployment(s: Setup, outcome: Outcome, models: dict[str, bytes], fp32: onnx
         batches.append(item["input"])
     s.reader.rewind()
     return Deployment(s.recipe, outcome.graph, models["int8"], models["fp32"], outcome.float_model or model,
-                      outcome.float_onnx or fp32, _range_dict(ranges), s.source, batches, Path(s.workdir), s.out,
+                      outcome.float_onnx or fp32, range_dict(ranges), s.source, batches, Path(s.workdir), s.out,
                       eval_limit, s.threads, latency, s.progress, "qat" if outcome.finish else "calibration")
-
-
-def _range_dict(ranges) -> dict[str, tuple[float, float]]:
-    out = {}
-    for name, v in ranges.data.items():
-        lo, hi = v.range_value
-        out[name] = (float(np.asarray(lo).reshape(-1)[0]), float(np.asarray(hi).reshape(-1)[0]))
-    return out
 
 
 def _target_variant(r: dict[str, Any]) -> dict[str, Any]:
