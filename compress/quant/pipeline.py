@@ -67,6 +67,8 @@ class Setup:
     threads: int
     progress: bool
     trained: Any = None  # what the strategy's training phase (TRAINERS) handed over: QAT's QATResult
+    fp32: Any = None  # the float model's ONNX export (what the deploy targets build from)
+    targets: list = field(default_factory=list)  # the deploy targets asked for (ort-x86 first)
 
 
 @dataclass
@@ -97,7 +99,10 @@ def _mixed_precision(s: Setup) -> Outcome:
     from compress.quant.mixed_precision import plan_for_recipe, render_plan
 
     ranges = calibrate(s.prepared_path, s.reader, s.recipe.calibration, s.workdir, progress=s.progress)
-    mixed = plan_for_recipe(s.prepared_path, ranges, s.recipe, s.source, s.workdir, cpu=s.cpu, threads=s.threads)
+    named = [t for t in s.targets[1:] if t.measurable_here]  # the plan must pay off where it ships
+    measure = _target_measure(named[0], s, ranges) if named else None
+    mixed = plan_for_recipe(s.prepared_path, ranges, s.recipe, s.source, s.workdir, cpu=s.cpu, threads=s.threads,
+                            measure=measure)
     graph = quantize_prepared(s.prepared_path, ranges, s.recipe, s.workdir, cpu=s.cpu,
                               extra_excluded=mixed.nodes_to_exclude)
     return Outcome(graph, s.recipe.calibration.method, sections={"mixed_precision": mixed.report},
@@ -262,7 +267,7 @@ def quantize(recipe: str | os.PathLike | Recipe = "int8", weights: str | os.Path
         reader = TrainSplitReader(source, rec.calibration.size, rec.calibration.batch_size, rec.calibration.seed,
                                   progress=progress)
         setup = Setup(rec, loaded.model, source, prepared_path, reader, wd, out, cpu_int8_info(), threads, progress,
-                      trained)
+                      trained, fp32, deploy_to)
         outcome = STRATEGIES[rec.strategy](setup)
         timings.update(outcome.timings)
         timings["quantize_s"] = time.time() - t + timings.get(f"{rec.strategy}_train_s", 0.0)
@@ -305,6 +310,30 @@ def quantize(recipe: str | os.PathLike | Recipe = "int8", weights: str | os.Path
     variants[1]["target"] = "ort-x86"
     write_run_report(out, variants, extra, notes=notes)
     return {"variants": variants, **extra, "output_dir": str(out)}
+
+
+def _target_measure(target, s: Setup, ranges) -> Callable:
+    """int8-mixed's acceptance check in ``target``'s runtime: the all-int8 graph and the plan, each as the
+    target's artifact (built from its own scale table, the plan's fp32 nodes excluded), timed interleaved."""
+    from compress.targets.base import BuildInputs
+    from compress.targets.table import ScaleTable
+    from eval.latency import interleave
+
+    def measure(all_int8, candidate, excluded) -> tuple[dict[str, Any], dict[str, Any], str]:
+        batch = target.fixed_batch or 1
+        x = np.zeros((batch, 3, *s.source.preprocess.input_size), np.float32)
+        calls = {}
+        for key, model, fp32_nodes in (("int8_all", all_int8, []), ("plan", candidate, list(excluded))):
+            table = ScaleTable.from_int8(model, s.fp32, range_dict(ranges), fp32_nodes)
+            wd = Path(s.workdir) / f"mixed-{target.name}-{key}"
+            wd.mkdir(parents=True, exist_ok=True)
+            artifact = target.build(BuildInputs(s.model, s.fp32, table, s.recipe, s.source.preprocess.input_size,
+                                                wd, [x]))
+            calls[key] = (lambda run: lambda: run(x))(target.runner(artifact, s.threads))
+        lat = interleave(calls, threads=s.threads, batch=batch, rounds=5, round_time_s=0.1)
+        return lat["int8_all"], lat["plan"], target.name
+
+    return measure
 
 
 def _check_launch(model_options: dict[str, Any]) -> None:
