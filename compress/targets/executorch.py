@@ -74,6 +74,71 @@ def pte_facts(artifact: bytes) -> dict[str, Any]:
             "ops_outside_delegates": dict(calls)}
 
 
+_QINT8, _QCINT8 = 3, 6  # XNNDatatype (backends/xnnpack/serialization/schema.fbs)
+_PER_CHANNEL, _PER_TENSOR = 1, 2  # XNNQuantParams
+
+
+def _fb_vector(t, field: int) -> list:
+    from flatbuffers.table import Table
+
+    o = t.Offset(4 + 2 * field)
+    return [Table(t.Bytes, t.Indirect(t.Vector(o) + 4 * j)) for j in range(t.VectorLen(o))] if o else []
+
+
+def _fb_scalar(t, field: int, flags, default=0):
+    o = t.Offset(4 + 2 * field)
+    return t.Get(flags, o + t.Pos) if o else default
+
+
+def _fb_union(t, field: int):
+    from flatbuffers.table import Table
+
+    o = t.Offset(4 + 2 * field)
+    if not o:
+        return None
+    u = Table(bytearray(), 0)
+    t.Union(u, o)
+    return u
+
+
+def delegate_qparams(artifact: bytes) -> tuple[set[tuple[float, int]], list[np.ndarray]]:
+    """What the ``.pte``'s XNNPACK delegates really carry, read from their flatbuffers (schema.fbs): the int8
+    (scale, zero point) of every per-tensor quantized value, and the scales of every per-channel int8 weight."""
+    import flatbuffers
+    from executorch.backends.xnnpack.serialization.xnnpack_graph_serialize import XNNHeader
+    from executorch.exir._serialize._program import deserialize_pte_binary
+    from flatbuffers import number_types as nt
+    from flatbuffers.table import Table
+
+    pte = deserialize_pte_binary(bytes(artifact))
+    named = pte.named_data
+    acts: set[tuple[float, int]] = set()
+    weights: list[np.ndarray] = []
+    for blob in pte.program.backend_delegate_data:
+        data = bytes(blob.data)
+        h = XNNHeader.from_bytes(data[:XNNHeader.EXPECTED_LENGTH])
+        buf = bytearray(data[h.flatbuffer_offset:h.flatbuffer_offset + h.flatbuffer_size])
+        graph = Table(buf, flatbuffers.encode.Get(nt.UOffsetTFlags.packer_type, buf, 0))
+        keys = [c.String(c.Offset(8) + c.Pos).decode() if c.Offset(8) else "" for c in _fb_vector(graph, 8)]
+        for value in _fb_vector(graph, 2):  # XNNGraph.xvalues -> XValue
+            q = _fb_union(value, 1) if _fb_scalar(value, 0, nt.Uint8Flags) == 2 else None  # XNNQuantizedTensorValue
+            if q is None:
+                continue
+            dtype = _fb_scalar(Table(q.Bytes, q.Indirect(q.Offset(4) + q.Pos)), 0, nt.Int16Flags)  # tensor_value
+            kind, params = _fb_scalar(q, 1, nt.Uint8Flags), _fb_union(q, 2)
+            if dtype == _QINT8 and kind == _PER_TENSOR:
+                acts.add((float(_fb_scalar(params, 0, nt.Float32Flags)), int(_fb_scalar(params, 1, nt.Int32Flags))))
+            elif dtype == _QCINT8 and kind == _PER_CHANNEL:
+                o = params.Offset(4)
+                if o and params.VectorLen(o):
+                    weights.append(params.GetVectorAsNumpy(nt.Float32Flags, o).astype(np.float32))
+                else:
+                    entry = named.pte_data[keys[_fb_scalar(params, 2, nt.Uint32Flags)]]
+                    n = _fb_scalar(params, 3, nt.Uint32Flags)
+                    weights.append(np.frombuffer(named.buffers[entry.buffer_index], np.float32)[:n].copy())
+    return acts, weights
+
+
 def _digest(artifact: bytes) -> str:
     return hashlib.sha256(bytes(artifact)).hexdigest()
 
@@ -104,11 +169,10 @@ class ExecuTorch(Target):
         imposed = pt2e.impose(prepared, inputs.table, names, folded)
         converted = convert_pt2e(prepared, fold_quantize=True)
         artifact = lower(converted, shape, nhwc_input=True)
-        acts, weights = pt2e.converted_scales(converted, names, folded)
         self._built[_digest(artifact)] = {
-            "acts": acts, "weights": weights, "from_table": imposed.from_table, "weights_imposed": imposed.weights,
-            "derived": imposed.derived, "folded_gates": len(folded),
-            "float_nodes": sorted(n for n in inputs.table.excluded)}
+            "read_back": pt2e.converted_scales(converted, names, folded), "from_table": imposed.from_table,
+            "weights_imposed": imposed.weights, "derived": imposed.derived, "folded_gates": len(folded),
+            "float_nodes": sorted(inputs.table.excluded)}
         return artifact
 
     def build_fp32(self, inputs: BuildInputs) -> dict[str, bytes]:
@@ -141,11 +205,21 @@ class ExecuTorch(Target):
         if built is None:
             raise UserError("executorch: scales are read back from the converted program of a .pte built in this "
                             "process; this .pte was not")
-        return built["acts"], built["weights"]
+        return built["read_back"].acts, built["read_back"].weights
 
     def extras(self, artifact: bytes, workdir: Path) -> dict[str, Any]:
+        """Partitions and outside ops (from the .pte), what the table gave (imposed / derived / float), and whether
+        the delegate's own quantization parameters are the converted program's, every one."""
         facts = pte_facts(artifact)
-        built = self._built.get(_digest(artifact), {})
+        built = self._built.get(_digest(artifact))
+        if built is None:
+            return facts
         facts.update({k: built[k] for k in ("from_table", "weights_imposed", "derived", "folded_gates",
-                                            "float_nodes") if k in built})
+                                            "float_nodes")})
+        acts, weights = delegate_qparams(artifact)
+        program = built["read_back"]
+        facts["delegate_qparams"] = {
+            "activation_grids": len(acts), "equal_to_program": acts == program.qparams,
+            "weights": len(weights),
+            "weights_equal_to_program": sorted(map(tuple, weights)) == sorted(map(tuple, program.weight_scales))}
         return facts

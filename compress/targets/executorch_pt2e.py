@@ -35,7 +35,7 @@ from compress.models.mobilenetv3 import SqueezeExcitation
 from compress.quant.qat import onnx_scope
 from compress.targets.table import ScaleTable
 
-__all__ = ["GraphNames", "fold_se_gates", "prepare", "impose", "converted_scales"]
+__all__ = ["GraphNames", "fold_se_gates", "prepare", "impose", "converted_scales", "ReadBack"]
 
 _ONNX_OPS = {"conv2d": "Conv", "linear": "Gemm", "relu": "Relu", "hardswish": "HardSwish",
              "hardsigmoid": "HardSigmoid", "hardtanh": "HardSigmoid", "add": "Add", "mul": "Mul",
@@ -293,24 +293,32 @@ def _value(gm: torch.fx.GraphModule, v: Any) -> Any:
     return _attr(gm, v.target) if isinstance(v, torch.fx.Node) and v.op == "get_attr" else v
 
 
-def converted_scales(converted: torch.fx.GraphModule, names: GraphNames, folded: list[str]
-                     ) -> tuple[dict[str, tuple[float, int]], dict[str, np.ndarray]]:
-    """The scales the converted program carries: every activation quantize node's (scale, zero point + 128)
-    keyed by the tensor it quantizes, and every weight's per-channel scales keyed by its conv / Gemm node
-    (a folded fc2 times 6: the same codes as the table's weight)."""
-    acts: dict[str, tuple[float, int]] = {}
-    weights: dict[str, np.ndarray] = {}
+@dataclass
+class ReadBack:
+    """The scales a converted program carries, keyed like the table (``acts``: uint8 convention; ``weights``: a
+    folded fc2 times 6, the same codes as the table's weight), and as the program holds them (``qparams``: int8
+    (scale, zero point) of every quantize node; ``weight_scales``: every weight's per-channel scales)."""
+    acts: dict[str, tuple[float, int]] = field(default_factory=dict)
+    weights: dict[str, np.ndarray] = field(default_factory=dict)
+    qparams: set[tuple[float, int]] = field(default_factory=set)
+    weight_scales: list[np.ndarray] = field(default_factory=list)
+
+
+def converted_scales(converted: torch.fx.GraphModule, names: GraphNames, folded: list[str]) -> ReadBack:
+    """Every activation quantize node's scale and zero point, keyed by the tensor it quantizes, and every
+    weight's per-channel scales, keyed by its conv / Gemm node."""
+    out = ReadBack()
     for n in converted.graph.nodes:
         op = aten_name(n) if n.op == "call_function" else ""
         if op == "quantize_per_tensor":
-            t = names.tensor(n.args[0]) or f"<{n.args[0].name}>"
-            acts[t] = (float(_value(converted, n.args[1])), int(_value(converted, n.args[2])) + 128)
+            s, z = float(_value(converted, n.args[1])), int(_value(converted, n.args[2]))
+            out.acts[names.tensor(n.args[0]) or f"<{n.args[0].name}>"] = (s, z + 128)
+            out.qparams.add((s, z))
         elif op == "dequantize_per_channel":
             conv = next((u for u in n.users if aten_name(u) in ("conv2d", "linear")), None)
-            if conv is None or names.node(conv) is None:
-                continue
-            s = np.asarray(_value(converted, n.args[1]), np.float64).reshape(-1)
-            if module_path(conv) in folded:
-                s = s * GATE_FACTOR
-            weights[names.node(conv)] = s.astype(np.float32)
-    return acts, weights
+            s = np.asarray(_value(converted, n.args[1]), np.float32).reshape(-1)
+            out.weight_scales.append(s)
+            if conv is not None and names.node(conv) is not None:
+                factor = GATE_FACTOR if module_path(conv) in folded else 1.0
+                out.weights[names.node(conv)] = (s.astype(np.float64) * factor).astype(np.float32)
+    return out

@@ -139,6 +139,10 @@ def test_pte_carries_the_tables_scales(run):
     assert len(gates) == extras["folded_gates"] == 3
     assert set(extras["derived"]) - set(gates) == {"logits"} and s["artifact_only"] == len(extras["derived"])
     assert extras["weights_imposed"] == len(table.weights)
+    # and the XNNPACK delegate inside the .pte (its flatbuffer) holds exactly the converted program's grids
+    carried = extras["delegate_qparams"]
+    assert carried["equal_to_program"] and carried["weights_equal_to_program"]
+    assert carried["weights"] == len(table.weights) and carried["activation_grids"] == len(set(acts.values()))
 
 
 def test_one_xnnpack_delegate_and_nothing_outside(run):
@@ -192,7 +196,9 @@ def test_excluded_nodes_stay_float(tiny, source, test_images, tmp_path):
     assert conv not in weights and len(weights) == len(table.weights)
     s = compare_scales(table, acts, weights)
     assert s["max_rel_scale_deviation"] == 0.0 and s["zero_point_mismatches"] == 0
-    assert target.extras(pte, tmp_path)["float_nodes"] == [conv]
+    extras = target.extras(pte, tmp_path)
+    assert extras["float_nodes"] == [conv] and extras["delegate_qparams"]["weights"] == len(weights)
+    assert extras["delegate_partitions"] == 1  # the float conv runs inside the one XNNPACK delegate
     assert _agreement(target, pte, int8, test_images)[0] >= 0.95
 
 
