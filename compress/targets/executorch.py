@@ -5,9 +5,13 @@ Built from the one quantization (:mod:`compress.targets.executorch_pt2e`): the f
 nodes float), every observer replaced by the table's scale, converted with ``convert_pt2e`` and lowered with
 ``to_edge_transform_and_lower`` + ``XnnpackPartitioner``.  One change to the lowering: the input's NCHW -> NHWC
 transpose runs in fp32 before the input is quantized (XNNPACK's int8 transpose of a 3-channel image costs more
-than the stem conv; its fp32 one a third of that).  The program is static at batch 1.  It runs in
+than the stem conv; its fp32 one a third of that).  No forward pass is needed (every observer is fixed before
+any data), so the calibration images are not used.  The program is static at batch 1.  It runs in
 ``executorch.runtime`` with XNNPACK's threadpool set to the measurement's thread count; the fp32 baseline is the
 same float network lowered to XNNPACK unquantized.
+
+The scales are read back from the converted program (:meth:`ExecuTorch.scales`), and :func:`delegate_qparams`
+checks the ``.pte`` itself: its XNNPACK flatbuffer must hold exactly those grids and weight scales.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import numpy as np
 from compress.errors import UserError
 from compress.targets.base import BuildInputs, Runner, Target, require
 
-__all__ = ["ExecuTorch", "lower", "pte_facts"]
+__all__ = ["ExecuTorch", "lower", "pte_facts", "delegate_qparams"]
 
 
 def _nhwc_input(name: str):

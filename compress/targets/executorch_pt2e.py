@@ -22,6 +22,7 @@ per-channel scales (cut to the real channel count).  Derived, not in the x86 tab
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -271,6 +272,11 @@ def _attr(gm: torch.nn.Module, target: str) -> Any:
 
 def fixed_per_channel_observer(scales: torch.Tensor) -> nn.Module:
     """An observer that returns ``scales`` (per output channel, symmetric int8 [-127, 127], zero point 0)."""
+    return _fixed_per_channel_class()(scales)
+
+
+@functools.lru_cache(maxsize=None)
+def _fixed_per_channel_class() -> type:
     from torchao.quantization.pt2e.observer import ObserverBase
 
     class FixedPerChannelObserver(ObserverBase):
@@ -286,7 +292,7 @@ def fixed_per_channel_observer(scales: torch.Tensor) -> nn.Module:
         def calculate_qparams(self):
             return self.scale, self.zero_point
 
-    return FixedPerChannelObserver(scales)
+    return FixedPerChannelObserver
 
 
 def _value(gm: torch.fx.GraphModule, v: Any) -> Any:
