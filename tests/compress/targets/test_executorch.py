@@ -58,8 +58,9 @@ def _ranges(tensors_data) -> dict[str, tuple[float, float]]:
     return out
 
 
-def _ptq_reference(model, source, workdir, excluded=()):
-    """(int8 ONNX, table, build inputs) of the int8 recipe's ort-x86 graph, ``excluded`` kept in fp32."""
+def _ptq_reference(model, source, workdir, exclude=lambda prepared: []):
+    """(int8 ONNX, table, build inputs) of the int8 recipe's ort-x86 graph, the nodes ``exclude(prepared graph)``
+    names kept in fp32."""
     from compress.onnx.export import to_onnx
     from compress.quant.core import calibrate, prepare_float, quantize_prepared
 
@@ -67,7 +68,7 @@ def _ptq_reference(model, source, workdir, excluded=()):
     fp32 = to_onnx(model, (SIZE, SIZE))
     prepared = prepare_float(fp32, recipe.quantize, workdir)
     ranges = calibrate(prepared, TrainSplitReader(source, CALIBRATION, 32, 0), recipe.calibration, workdir)
-    graph = quantize_prepared(prepared, ranges, recipe, workdir, extra_excluded=excluded)
+    graph = quantize_prepared(prepared, ranges, recipe, workdir, extra_excluded=exclude(onnx.load(str(prepared))))
     table = ScaleTable.from_int8(graph.model, fp32, _ranges(ranges), graph.excluded)
     return graph.model, table, BuildInputs(model, fp32, table, recipe, (SIZE, SIZE), Path(workdir))
 
@@ -185,20 +186,27 @@ def test_a_missing_runtime_is_a_one_line_error(monkeypatch):
 
 
 def test_excluded_nodes_stay_float(tiny, source, test_images, tmp_path):
-    """A tuning-style fallback (one depthwise conv kept in fp32 in the x86 graph) is float in the .pte too: it
-    has no weight scale, and every other scale is still the table's."""
+    """A tuning-style fallback (one depthwise conv) and a mixed-precision unit (a whole SE block: pool, fc1, relu,
+    fc2, gate, product), kept in fp32 in the x86 graph, are float in the .pte too: their convs have no weight
+    scale, and every scale the program does quantize with is still the table's."""
+    from compress.quant.mixed_precision import layer_units
+
     conv = "/features/features.2/block/block.1/block.1.0/Conv"
-    int8, table, inputs = _ptq_reference(tiny, source, tmp_path, excluded=[conv])
-    assert table.excluded == [conv] and conv not in table.weights
+    int8, table, inputs = _ptq_reference(
+        tiny, source, tmp_path, lambda prepared: [conv, *layer_units(prepared)["features.4.block.2"].nodes])
+    se_convs = {"/features/features.4/block/block.2/fc1/Conv", "/features/features.4/block/block.2/fc2/Conv"}
+    assert conv in table.excluded and se_convs <= set(table.excluded) and not {conv, *se_convs} & set(table.weights)
     target = ExecuTorch()
     pte = target.build(inputs)
     acts, weights = target.scales(pte)
-    assert conv not in weights and len(weights) == len(table.weights)
+    assert set(weights) == set(table.weights)  # every int8 conv of the table, none of the float ones
     s = compare_scales(table, acts, weights)
     assert s["max_rel_scale_deviation"] == 0.0 and s["zero_point_mismatches"] == 0
+    assert not any(t.startswith("/features/features.4/block/block.2/") and not t.endswith("/Mul_output_0")
+                   for t in acts)  # nothing inside the float SE block is quantized
     extras = target.extras(pte, tmp_path)
-    assert extras["float_nodes"] == [conv] and extras["delegate_qparams"]["weights"] == len(weights)
-    assert extras["delegate_partitions"] == 1  # the float conv runs inside the one XNNPACK delegate
+    assert extras["float_nodes"] == sorted(table.excluded) and extras["delegate_qparams"]["weights"] == len(weights)
+    assert extras["delegate_partitions"] == 1  # the float layers run inside the one XNNPACK delegate
     assert _agreement(target, pte, int8, test_images)[0] >= 0.95
 
 
