@@ -251,7 +251,8 @@ def quantize(recipe: str, weights, arch, dataset, input_size, targets, calibrati
                    f"{'' if lat is None else f', latency {lat:.3f} ms'}, {v['size_bytes'] / 2**20:.2f} MiB")
     for t in (r.get("targets") or {}).get("results", [])[1:]:
         speed = t.get("speedup_vs_runtime_fp32")
-        click.echo(f"  target {t['target']}: top-1 {100 * t['accuracy']['top1']:.2f}%, same top-1 as ort-x86 int8 "
+        top1 = t["accuracy"]["top1"]
+        click.echo(f"  target {t['target']}: top-1 {'n/a' if top1 is None else f'{100 * top1:.2f}%'}, same top-1 as ort-x86 int8 "
                    f"{100 * t['agreement_with_ort_x86_int8']:.2f}%, "
                    + (f"{speed:.2f}x its runtime's fp32" if speed else t.get("latency_note", "")) + f" ({t['file']})")
     if r.get("qat"):
