@@ -87,14 +87,15 @@ def _modules():
                     self.gate.weight.fill_(1.0 / 6.0)
                     self.gate.bias.fill_(0.5)
             else:
-                self.register_buffer("half", torch.full((1, 1), 0.5))
+                self.register_buffer("one_half", torch.full((1, 1), 0.5))
 
         def forward(self, x):
             if self.gate is None:
-                return x * self.half
+                return x * self.one_half
             if x.dim() == 2:
                 return x * self.gate(x.reshape(x.shape[0], x.shape[1], 1, 1)).flatten(1)
-            return x * self.gate(x)
+            return x * self.gate(x)  # no clamp op: the gate's output grid [0, 1] is the clamp (an explicit one
+            # becomes a float RELU_0_TO_1 outside the delegate)
 
     class SEGate(nn.Module):
         """The SE's hard-sigmoid after fc2, whose bias holds the + 3: relu6 onto [0, 6], then * 1/6."""
