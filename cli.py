@@ -177,13 +177,16 @@ def export(**kw) -> None:
 @click.option("--batch", type=click.IntRange(1), default=1, show_default=True, help="Images per forward pass for latency.")
 @click.option("--reference", type=click.Path(dir_okay=False), default=None, help="Float ONNX model: report the share of equal top-1 predictions.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the result to this JSON file (atomically).")
-def eval_cmd(model: str, dataset, limit, threads: int, batch: int, reference, json_path, workers) -> None:
+@click.option("--target", default="ort-x86", show_default=True, help="The runtime that runs MODEL: ort-x86 (ONNX Runtime here), ort-arm64, openvino, executorch (.pte), litert (.tflite).")
+@click.option("--input-size", type=click.IntRange(8), default=None, help="Input side of a .pte / .tflite (ONNX models record theirs).")
+def eval_cmd(model: str, dataset, limit, threads: int, batch: int, reference, json_path, workers, target,
+             input_size) -> None:
     """Evaluate an ONNX model (fp32 or int8): accuracy, agreement, latency, size, params, MACs, machine."""
     from compress.io import write_json
-    from eval.evaluate import evaluate_onnx
+    from compress.targets.evaluate import evaluate_artifact
 
-    result = evaluate_onnx(model, dataset=dataset, limit=limit, threads=threads, batch=batch, reference=reference,
-                           workers=workers)
+    result = evaluate_artifact(model, target=target, dataset=dataset, limit=limit, threads=threads, batch=batch,
+                               reference=reference, workers=workers, input_size=input_size)
     if json_path:
         write_json(json_path, result)
     click.echo(json.dumps(result, indent=2))

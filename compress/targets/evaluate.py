@@ -19,7 +19,7 @@ from compress.targets.table import compare_scales
 from eval.accuracy import agreement, topk_accuracy
 from eval.latency import interleave
 
-__all__ = ["evaluate_target", "test_logits", "render_targets"]
+__all__ = ["evaluate_target", "evaluate_artifact", "test_logits", "render_targets"]
 
 
 def test_logits(run: Callable[[np.ndarray], np.ndarray], source, limit: int | None, batch: int | None,
@@ -102,3 +102,48 @@ def render_targets(results: list[dict[str, Any]], float_top1: float | None) -> l
                      f"{100 * r['agreement_with_ort_x86_int8']:.2f} % | {lat_text} | {fp32_text} | {speed} | "
                      f"{dev_text} | {notes} |")
     return lines
+
+
+def evaluate_artifact(model: str, target: str = "ort-x86", dataset: str | None = None, limit: int | None = None,
+                      threads: int = 1, batch: int = 1, reference: str | None = None, workers: int | None = None,
+                      input_size: int | None = None) -> dict[str, Any]:
+    """``mnv3-compress eval MODEL --target T``: a deploy artifact measured in its own runtime - accuracy on the
+    test split, agreement with a float ``reference`` (ONNX), latency, size, machine.  ONNX artifacts say how to
+    feed them (their metadata); a ``.pte`` / ``.tflite`` needs ``dataset`` (and ``input_size`` when it is not the
+    dataset's default)."""
+    from compress.errors import UserError
+    from compress.targets.registry import parse_targets
+    from eval.evaluate import dataset_for, evaluate_onnx
+    from eval.model_info import machine_info
+
+    if target == "ort-x86":
+        return evaluate_onnx(model, dataset=dataset, limit=limit, threads=threads, batch=batch, reference=reference,
+                             workers=workers)
+    t = parse_targets(target)[-1]  # ort-x86 first, then this one; a missing runtime is a one-line error
+    path = Path(model)
+    if not path.is_file():
+        raise UserError(f"model file not found: {path}")
+    data = path.read_bytes()
+    if t.suffix == ".onnx":
+        source = dataset_for(data, dataset, workers)
+    else:
+        if dataset is None:
+            raise UserError(f"a {t.suffix} file records no preprocessing: pass --dataset (and --input-size)")
+        from calibration.datasets import open_dataset
+
+        source = open_dataset(dataset, input_size, workers)
+    run = t.runner(data, threads=threads)
+    logits, labels = test_logits(run, source, limit, t.fixed_batch)
+    agree = None
+    if reference is not None:
+        from eval.accuracy import predict
+
+        agree = agreement(logits, predict(reference, source, limit=limit)[0])
+    lat = None
+    if t.measurable_here:
+        x = _feed(source, t.fixed_batch or batch)
+        lat = interleave({"int8": lambda: run(x)}, threads=threads, batch=t.fixed_batch or batch, rounds=5)["int8"]
+    return {"target": t.name, "runtime": t.runtime, "accuracy": topk_accuracy(logits, labels, ks=(1, 5)),
+            "agreement": agree, "latency_ms": lat,
+            "latency_note": None if t.measurable_here else "not measured: this machine's CPU is not the target's",
+            "size_bytes": len(data), "machine": machine_info()}

@@ -251,6 +251,15 @@ def fit(model: nn.Module, source: DataSource, cfg: TrainConfig, output: str | os
     return {"epoch": cfg.epochs, "history": history, "final": final}
 
 
+def _origin(weights, loaded: LoadedModel) -> dict[str, Any]:
+    import hashlib
+
+    recorded = {k: loaded.meta[k] for k in ("train_config", "history", "dataset", "dataset_fingerprint",
+                                            "input_size", "code_version", "started_from") if k in loaded.meta}
+    return {"file": Path(weights).name, "sha256": hashlib.sha256(Path(weights).read_bytes()).hexdigest(),
+            "source": loaded.source, **recorded}
+
+
 def train(arch: str | None = None, width_mult: float | None = None, minimalistic: bool | None = None,
           num_classes: int | None = None, dataset: str = "fashion-mnist", input_size: int | None = None,
           weights: str | None = None, resume: str | None = None, output: str | os.PathLike | None = None,
@@ -286,6 +295,10 @@ def train(arch: str | None = None, width_mult: float | None = None, minimalistic
     meta = {"dataset": source.name, "dataset_fingerprint": source.fingerprint,
             "input_size": source.preprocess.input_size[0], "seed": config.seed,
             "preprocess": source.preprocess.to_json(), "code_version": code_version(), **(extra_meta or {})}
+    if resume_state is not None and "started_from" in resume_state:
+        meta["started_from"] = resume_state["started_from"]
+    elif weights is not None and resume is None:  # a fine-tune: where its weights came from, and how they were made
+        meta["started_from"] = _origin(weights, loaded)
     if output is not None:
         ensure_dir(Path(output).parent)  # fail now (one line), not after the first epoch
     with distributed.session(device) as ctx:
