@@ -287,38 +287,57 @@ def quantize(recipe: str | os.PathLike | Recipe = "int8", weights: str | os.Path
         evals = _evaluate(models, source, eval_limit, threads, latency)
         qat_report = outcome.finish(models["int8"], eval_limit) if outcome.finish else None
         timings["evaluate_s"] = time.time() - t
-        deployed = None
-        if len(deploy_to) > 1:
-            t = time.time()
-            deployed = deploy(deploy_to, _deployment(setup, outcome, models, fp32, loaded.model, eval_limit,
-                                                     latency), evals)
-            timings["targets_s"] = time.time() - t
+        deployed = (_deploy_targets(deploy_to, _deployment(setup, outcome, models, fp32, loaded.model, eval_limit,
+                                                           latency), evals, timings) if len(deploy_to) > 1 else None)
 
     variants = _write_models(out, rec, models, evals, outcome)
-    ref_top1, q_top1 = evals["fp32"]["accuracy"]["top1"], evals["int8"]["accuracy"]["top1"]
-    calibration = {**reader.describe(), "method": outcome.calibration_method}
-    if outcome.calibration_used_by:
-        calibration = {**reader.describe(), "method": rec.calibration.method, "used_by": outcome.calibration_used_by}
-    elif outcome.finish is not None:
-        calibration = None  # QAT without a baseline: nothing was calibrated
     extra = {
         **run_header("quantize", rec, loaded.spec, weights, loaded.source, size, source.identity),
-        "evaluation": {"split": "test", "images": eval_limit or len(source.split("test")),
-                       "top1_drop_pt": None if ref_top1 is None or q_top1 is None
-                       else round(100 * (ref_top1 - q_top1), 3)},
-        "calibration": calibration, "quantization": facts, "checks": checks, "cpu": setup.cpu,
-        "tuning": outcome.sections.get("tuning"), "qat": qat_report,
+        "evaluation": _evaluation_section(evals, eval_limit, source),
+        "calibration": _calibration_section(reader, outcome, rec), "quantization": facts, "checks": checks,
+        "cpu": setup.cpu, "tuning": outcome.sections.get("tuning"), "qat": qat_report,
         "mixed_precision": outcome.sections.get("mixed_precision"),
         "timings_s": {k: round(v, 2) for k, v in timings.items()} | {"total": round(time.time() - t_start, 2)},
     }
+    notes = _target_sections(extra, variants, deployed, qat_report)
+    write_run_report(out, variants, extra, notes=notes)
+    return {"variants": variants, **extra, "output_dir": str(out)}
+
+
+def _deploy_targets(targets: list, d: Deployment, evals: dict[str, dict], timings: dict[str, float]
+                    ) -> dict[str, Any]:
+    """Every target beyond the reference, built and measured from the one table (timed into ``timings``)."""
+    t = time.time()
+    deployed = deploy(targets, d, evals)
+    timings["targets_s"] = time.time() - t
+    return deployed
+
+
+def _evaluation_section(evals: dict[str, dict], eval_limit: int | None, source) -> dict[str, Any]:
+    ref_top1, q_top1 = evals["fp32"]["accuracy"]["top1"], evals["int8"]["accuracy"]["top1"]
+    return {"split": "test", "images": eval_limit or len(source.split("test")),
+            "top1_drop_pt": None if ref_top1 is None or q_top1 is None else round(100 * (ref_top1 - q_top1), 3)}
+
+
+def _calibration_section(reader: TrainSplitReader, outcome: Outcome, rec: Recipe) -> dict[str, Any] | None:
+    """The report's ``calibration`` section: what was calibrated on which images (None: nothing was)."""
+    if outcome.calibration_used_by:
+        return {**reader.describe(), "method": rec.calibration.method, "used_by": outcome.calibration_used_by}
+    if outcome.finish is not None:
+        return None  # QAT without a baseline: nothing was calibrated
+    return {**reader.describe(), "method": outcome.calibration_method}
+
+
+def _target_sections(extra: dict[str, Any], variants: list[dict[str, Any]], deployed: dict[str, Any] | None,
+                     qat_report: dict[str, Any] | None) -> list[str]:
+    """The deploy targets into the report (``extra["targets"]`` and one variant each); returns report.md's notes."""
     notes = list(_qat_notes(qat_report)) if qat_report else []
     if deployed is not None:
         extra["targets"] = {"table": deployed["table"], "results": deployed["results"]}
         variants += [_target_variant(r) for r in deployed["results"][1:]]
         notes += deployed["notes"]
     variants[1]["target"] = "ort-x86"
-    write_run_report(out, variants, extra, notes=notes)
-    return {"variants": variants, **extra, "output_dir": str(out)}
+    return notes
 
 
 def _deployment(s: Setup, outcome: Outcome, models: dict[str, bytes], fp32: onnx.ModelProto, model, eval_limit,
