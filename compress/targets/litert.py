@@ -74,6 +74,25 @@ class LiteRT(Target):
         shape = (self.fixed_batch, 3, *inputs.input_size)
         return {"fp32": _convert(inputs.float_model.cpu().eval(), torch.zeros(shape), quantized=False)}
 
+    peer_name = "litert-torch PT2EQuantizer"
+
+    def peer(self, inputs: BuildInputs) -> bytes:
+        """litert-torch's own int8, for comparison: its PT2EQuantizer (per-channel symmetric, histogram observers)
+        calibrated on the same images, converted the same way (int8 input and output, as it makes them)."""
+        import torch
+        from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+        x = torch.zeros(self.fixed_batch, 3, *inputs.input_size)
+        quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+        model = torch.export.export(inputs.float_model.cpu().eval(), (x,), strict=False).module()
+        prepared = prepare_pt2e(model, quantizer)
+        with torch.no_grad():
+            for batch in inputs.calibration:  # the program is static at batch 1
+                for row in np.asarray(batch, np.float32):
+                    prepared(torch.from_numpy(row[None]))
+        return _convert(convert_pt2e(prepared, fold_quantize=False), x, quantized=True)
+
     def runner(self, artifact: bytes, threads: int, variant: str = "int8") -> Runner:
         from ai_edge_litert.interpreter import Interpreter
 

@@ -22,7 +22,8 @@ output ``{scope}/Conv_output_0`` (or its Relu's, which the conv fuses), ``{scope
 ``(s, z - 128)``, the same real grid.  Values the x86 graph leaves float or folds away are *derived*: the
 h-swish gate ``.../HardSwish/gate_output`` (1/255), the SE gate ``.../HardSigmoid_output_0`` (1/255) and the
 logits (from the table's calibrated range).  A point with neither a table entry nor a derivation is a one-line
-error; so is an op with no int8 form here.
+error; so is an op with no int8 form here, and a table with fp32 nodes (tuning's fallbacks, mixed precision):
+litert-torch's converter quantizes a float conv between Q/DQ itself, so they cannot stay float.
 """
 from __future__ import annotations
 
