@@ -64,8 +64,8 @@ class LiteRT(Target):
         data = _convert(program, torch.zeros(shape), quantized=True)
         if not self.int8_io:
             data = float_io(data)
-        meta = {"input": io[0], "output": io[1], "io": "int8" if self.int8_io else "float32", "source": inputs.table.source,
-                **{p.key: p.value for p in inputs.fp32_onnx.metadata_props}}
+        meta = {"input": io[0], "output": io[1], "io": "int8" if self.int8_io else "float32",
+                "source": inputs.table.source, **{p.key: p.value for p in inputs.fp32_onnx.metadata_props}}
         return with_metadata(data, meta)
 
     def build_fp32(self, inputs: BuildInputs) -> dict[str, bytes]:

@@ -203,7 +203,8 @@ def test_a_missing_runtime_is_the_one_line_pip_error(monkeypatch):
     from compress.targets.registry import parse_targets
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ai_edge_litert" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "ai_edge_litert" else real(name, *a))
     with pytest.raises(UserError) as e:
         parse_targets("ort-x86,litert")
     assert str(e.value) == "this target needs ai_edge_litert: pip install 'mnv3-compress[litert]'"
