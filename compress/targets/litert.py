@@ -1,7 +1,7 @@
 """``litert``: LiteRT (TensorFlow Lite) ``.tflite`` for Android, run with its XNNPACK delegate.
 
-The int8 model carries the table's scales: the float network in XNNPACK's int8 forms (SE gate and h-swish with
-fixed grids, :mod:`compress.targets.litert_program`) as a PT2E program whose every quantize node holds the
+The int8 model carries the table's scales: the float network in int8 forms XNNPACK delegates (the x86 graph's
+h-swish and SE gate on fixed grids, :mod:`compress.targets.litert_program`) as a PT2E program whose every quantize node holds the
 table's parameters, converted by ``litert_torch.convert`` (which turns those Q/DQ nodes into int8 kernels; its own
 quantizer is used only to select that static mode).  The whole network lowers to one XNNPACK delegate partition:
 :meth:`LiteRT.extras` counts them on the interpreter's graph after delegation, with the ops left outside.
@@ -39,7 +39,8 @@ class LiteRT(Target):
     name, runtime, suffix = "litert", "LiteRT (XNNPACK delegate)", ".tflite"
     extra, module = "litert", "ai_edge_litert"
     fixed_batch = 1
-    notes = "h-swish gate as a 1x1 depthwise conv, SE gate on fixed grids (XNNPACK int8 forms); float I/O"
+    notes = ("the x86 graph's int8 forms (h-swish gate a 1x1 depthwise conv where XNNPACK's ADD cannot take the "
+             "scales), SE gate on fixed grids; float I/O")
 
     def __init__(self, int8_io: bool = False) -> None:
         self.int8_io = int8_io
@@ -300,6 +301,8 @@ def read_scales(data: bytes) -> tuple[dict[str, tuple[float, int]], dict[str, np
         locs = _locs(sg.tensors[op.outputs[0]].name)
         if kind is None:
             continue
+        if kind == "mul" and any(_constant(model, sg.tensors[i]) for i in op.inputs if i >= 0):
+            kind = "mul_const"
         if locs and grid(op.outputs[0]) and op.outputs[0] != int8_out:  # the output: keyed by its table name
             path, cls, parent = locs[0]
             acts[point_key(path, cls, parent, "relu" if cls == "ReLU" else kind)[0]] = grid(op.outputs[0])
@@ -312,6 +315,11 @@ def read_scales(data: bytes) -> tuple[dict[str, tuple[float, int]], dict[str, np
                 weights[f"{onnx_scope(conv[0])}/{'Gemm' if conv[1] == 'Linear' else 'Conv'}"] = np.asarray(
                     q.scale, np.float32)
     return acts, weights
+
+
+def _constant(model, tensor) -> bool:
+    data = model.buffers[tensor.buffer].data if tensor.buffer < len(model.buffers) else None
+    return data is not None and len(data) > 0
 
 
 def _builtin(op, model, flatbuffer_utils) -> int:

@@ -4,14 +4,21 @@ one delegate, every quantization point's parameters taken from the scale table (
 Forms (each computes the float network's function):
 
 * BN folded into its conv (a QAT model's BN is already the identity holding the folded bias: folding is exact).
-* h-swish ``x * relu6(x + 3) / 6`` as ``x * g(x)``: the gate ``g = clamp(x / 6 + 1/2, 0, 1)`` is a 1x1 depthwise
-  conv (weight 1/6, on the exact grid 1/6: code 1; bias 1/2) whose output grid (1/255, zero point -128: [0, 1])
-  does the clamp.  Two int8 ops XNNPACK delegates.  TFLite's int8 HARD_SWISH is not delegated (the peer's 14-20
-  partitions), a float h-swish between Q/DQ is fused back into it by the converter, and the x86 graph's
-  ``(x + 3) -> relu6 -> * 1/6 -> * x`` needs an int8 ADD whose input / output scale ratio XNNPACK bounds (small
-  conv outputs split the graph) and costs a third op.  Where x's scale is below ``3 / (2^31 - 1)`` (the bias 1/2
-  overflows int32) the gate is the constant 1/2: on its 1/255 grid it cannot move there.  A 2-D input (the
-  classifier's) is viewed as ``N x C x 1 x 1`` for the gate.
+* h-swish ``x * relu6(x + 3) / 6``, per site, in the first of three forms XNNPACK takes in int8 (TFLite's int8
+  HARD_SWISH is not delegated: the peer's 14-21 partitions; a float h-swish between Q/DQ is fused back into it
+  by the converter):
+
+  - ``add`` (the x86 graph's): ``r = relu6(x + 3)`` on the table's relu6 grid (one int8 ADD, the relu6 fused),
+    ``g = r * 1/6`` onto the gate grid 1/255 (exact: the same codes), ``x * g``.  XNNPACK's ADD takes input /
+    output scale ratios in [1/1024, 256) only: x's scale must be at least 6/255/1024;
+  - ``dw`` below that (a conv output that small): the gate ``clamp(x / 6 + 1/2, 0, 1)`` as a 1x1 depthwise conv
+    (weight 1/6, exact as the code k on the grid 1/(6 k); bias 1/2 as the int32 code ``3 k / s_x``, k = 127 or
+    less where that would overflow) whose output grid 1/255 (zero point -128: [0, 1]) is the clamp, then
+    ``x * g``.  As fast as ``add``; its bias rounding moves ~1 % of the gate codes by one against the x86 graph;
+  - ``half`` where even k = 1 overflows (s_x < 3 / (2^31 - 1): x is then within 1e-6 of 0 and the gate cannot
+    leave 1/2 on its grid): ``x * 1/2``.
+
+  A 2-D input (the classifier's) is viewed as ``N x C x 1 x 1`` for a depthwise gate.
 * SE gate as the x86 graph has it: fc2 with the + 3 in its bias, its output on the relu6 grid [0, 6] (the table's
   6/255), then ``* 1/6`` onto the gate grid 1/255, then the product with the block's features.
 
@@ -37,11 +44,11 @@ from compress.errors import UserError
 from compress.quant.qat import onnx_scope
 from compress.targets.table import ScaleTable
 
-__all__ = ["table_program", "point_key", "GATE_GRID", "RELU6_GRID"]
+__all__ = ["table_program", "deploy_form", "point_key", "hswish_form", "GATE_GRID", "RELU6_GRID"]
 
 GATE_GRID = (1.0 / 255.0, 0)  # [0, 1], uint8 convention (int8: zero point -128)
 RELU6_GRID = (6.0 / 255.0, 0)  # [0, 6]
-_MIN_GATE_INPUT_SCALE = 3.0 / (2**31 - 1)  # below it the gate's bias 1/2 overflows int32 (weight scale 1/6)
+_XNNPACK_ADD_MIN_RATIO = 1.0 / 1024.0  # XNNPACK's int8 ADD: input scale / output scale in [1/1024, 256)
 # aten op -> what it computes, for the table's names (None: a view, sharing its input's grid)
 _KINDS = {"conv2d": "conv", "linear": "linear", "relu": "relu", "relu6": "relu6", "hardtanh": "relu6",
           "add": "add", "mul": "mul", "adaptive_avg_pool2d": "pool", "mean": "pool", "flatten": None, "view": None,
@@ -55,14 +62,18 @@ def point_key(path: str, cls: str, parent_cls: str, kind: str) -> tuple[str, tup
     """The table key of the value an op of ``kind`` computes in the module at ``path`` (class name ``cls``, its
     parent's ``parent_cls``), and the derived uint8 grid used when the table has no entry (None: required)."""
     scope = onnx_scope(path) if path else ""
-    if cls == "HSwish" and kind == "mul":
+    if cls == "HSwish" and kind in ("add", "relu6"):  # x + 3, its relu6 fused
+        return f"{scope}/HardSwish/relu6_output", RELU6_GRID
+    if (cls == "HSwish" and kind == "mul_const") or (parent_cls == "HSwishDW" and kind == "conv"):
+        base = scope if cls == "HSwish" else onnx_scope(path.rpartition(".")[0])  # the gate conv: <h-swish>.gate
+        return f"{base}/HardSwish/gate_output", GATE_GRID
+    if cls.startswith("HSwish") and kind in ("mul", "mul_const"):
         return f"{scope}/HardSwish_output_0", None
-    if parent_cls == "HSwish" and kind == "conv":  # the gate conv, path ``<h-swish>.gate``
-        return f"{onnx_scope(path.rpartition('.')[0])}/HardSwish/gate_output", GATE_GRID
     if cls == "SEGate" and kind in ("relu6", "conv"):  # fc2 (+3) fused with its relu6
         return f"{scope}/HardSigmoid/relu6_output", RELU6_GRID
-    if cls == "SEGate" and kind == "mul":
+    if cls == "SEGate" and kind == "mul_const":
         return f"{scope}/HardSigmoid_output_0", GATE_GRID
+    kind = "mul" if kind == "mul_const" else kind
     if kind not in _ONNX_OP:
         raise UserError(f"litert: no int8 form for {kind!r} in {path or 'the model'} ({cls})")
     return f"{scope}/{_ONNX_OP[kind]}_output_0", None
@@ -76,27 +87,46 @@ def _modules():
     from torch import nn
     from torch.nn import functional as F
 
-    class HSwish(nn.Module):
-        """h-swish as ``x * gate(x)`` (see the module docstring); ``channels=None``: the constant gate 1/2."""
+    def const(v: float, rank: int = 4):
+        return torch.full((1,) * rank, v)  # of the input's rank: a 0-D one is reshaped around its op
 
-        def __init__(self, channels: int | None) -> None:
+    class HSwish(nn.Module):
+        """h-swish in the ``add`` form: ``x * (relu6(x + 3) * 1/6)``, for inputs of rank ``rank``."""
+
+        def __init__(self, channels: int, rank: int) -> None:
             super().__init__()
-            self.gate = None
-            if channels:
-                self.gate = nn.Conv2d(channels, channels, 1, groups=channels)
-                with torch.no_grad():
-                    self.gate.weight.fill_(1.0 / 6.0)
-                    self.gate.bias.fill_(0.5)
-            else:
-                self.register_buffer("one_half", torch.full((1, 1), 0.5))
+            self.register_buffer("three", const(3.0, rank))
+            self.register_buffer("sixth", const(1.0 / 6.0, rank))
 
         def forward(self, x):
-            if self.gate is None:
-                return x * self.one_half
+            return x * (F.relu6(x + self.three) * self.sixth)
+
+    class HSwishDW(nn.Module):
+        """h-swish in the ``dw`` form: ``x * gate(x)``, the gate a 1x1 depthwise conv (weight code ``code``)."""
+
+        def __init__(self, channels: int, rank: int, code: int) -> None:
+            super().__init__()
+            self.code = code
+            self.gate = nn.Conv2d(channels, channels, 1, groups=channels)
+            with torch.no_grad():
+                self.gate.weight.fill_(1.0 / 6.0)
+                self.gate.bias.fill_(0.5)
+
+        def forward(self, x):
             if x.dim() == 2:
                 return x * self.gate(x.reshape(x.shape[0], x.shape[1], 1, 1)).flatten(1)
             return x * self.gate(x)  # no clamp op: the gate's output grid [0, 1] is the clamp (an explicit one
             # becomes a float RELU_0_TO_1 outside the delegate)
+
+    class HSwishHalf(nn.Module):
+        """h-swish in the ``half`` form: ``x * 1/2``."""
+
+        def __init__(self, channels: int, rank: int) -> None:
+            super().__init__()
+            self.register_buffer("one_half", const(0.5, rank))
+
+        def forward(self, x):
+            return x * self.one_half
 
     class SEGate(nn.Module):
         """The SE's hard-sigmoid after fc2, whose bias holds the + 3: relu6 onto [0, 6], then * 1/6."""
@@ -108,7 +138,7 @@ def _modules():
         def forward(self, y):
             return F.relu6(y) * self.sixth
 
-    return HSwish, SEGate
+    return {"add": HSwish, "dw": HSwishDW, "half": HSwishHalf}, SEGate
 
 
 def deploy_form(model, input_scale: Callable[[str], float | None]):
@@ -119,7 +149,7 @@ def deploy_form(model, input_scale: Callable[[str], float | None]):
 
     from compress.models.mobilenetv3 import ConvBNAct, SqueezeExcitation
 
-    HSwish, SEGate = _modules()
+    forms, SEGate = _modules()
     m = copy.deepcopy(model).cpu().eval()
     with torch.no_grad():
         for path, mod in list(m.named_modules()):
@@ -138,20 +168,29 @@ def deploy_form(model, input_scale: Callable[[str], float | None]):
                     if isinstance(child, nn.Dropout):
                         mod[i] = nn.Identity()
                     elif isinstance(child, nn.Hardswish):
-                        channels = _channels_before(mod, i)
-                        s = input_scale(f"{path}.{i}" if path else str(i))
-                        mod[i] = HSwish(None if s is not None and s < _MIN_GATE_INPUT_SCALE else channels)
+                        form, code = hswish_form(input_scale(f"{path}.{i}" if path else str(i)))
+                        site = _site(mod, i)
+                        mod[i] = forms[form](*site, code) if form == "dw" else forms[form](*site)
     return m
 
 
-def _channels_before(seq, i: int) -> int:
+def hswish_form(s_x: float | None) -> tuple[str, int]:
+    """(form, depthwise weight code) of the h-swish whose input has the scale ``s_x`` (module docstring)."""
+    if s_x is None or s_x / RELU6_GRID[0] >= _XNNPACK_ADD_MIN_RATIO:
+        return "add", 0
+    code = int(min(127, (2**31 - 1) * s_x / 3.0))  # the bias code 3 k / s_x fits int32
+    return ("dw", code) if code >= 1 else ("half", 0)
+
+
+def _site(seq, i: int) -> tuple[int, int]:
+    """(channels, rank) of the value the h-swish at ``seq[i]`` reads: the conv's or linear's before it."""
     from torch import nn
 
     for prev in reversed(list(seq)[:i]):
         if isinstance(prev, nn.Conv2d):
-            return prev.out_channels
+            return prev.out_channels, 4
         if isinstance(prev, nn.Linear):
-            return prev.out_features
+            return prev.out_features, 2
     raise UserError("litert: an h-swish without a conv or linear before it has no int8 form here")
 
 
@@ -287,13 +326,14 @@ class _Annotator:
         node_name = f"{onnx_scope(path)}/{'Gemm' if kind == 'linear' else 'Conv'}"
         if kind in ("conv", "linear"):
             w = _attr(gm, n.args[1].target)
-            scales = self._weight_scales(node_name, parent_cls, int(w.shape[0]))
+            scales = self._weight_scales(node_name, path, parent_cls, int(w.shape[0]))
             inputs[n.args[1]] = self.weight(scales)
             if len(n.args) > 2 and n.args[2] is not None:
                 self._check_bias(n, _attr(gm, n.args[2].target), scales, node_name)
         for a in n.args[:2]:
             if kind in ("add", "mul") and getattr(a, "op", "") == "get_attr":
                 inputs[a] = self.constant(float(_attr(gm, a.target).abs().max()))
+                kind = "mul_const" if kind == "mul" else kind
         users = list(n.users)
         if kind in ("conv", "linear", "add") and len(users) == 1 and _KINDS.get(_op(users[0])) in _CLAMPS:
             return inputs, None  # the clamp after it carries the grid (the op fuses it)
@@ -302,10 +342,10 @@ class _Annotator:
         key, derived = point_key(path, cls, parent_cls, kind)
         return inputs, self.act(key, derived, f"{kind} in {path or 'the model'}")
 
-    def _weight_scales(self, node_name: str, parent_cls: str, channels: int) -> np.ndarray:
-        if parent_cls == "HSwish":  # the gate conv: weight 1/6 on the grid 1/6 (derived, exact)
+    def _weight_scales(self, node_name: str, path: str, parent_cls: str, channels: int) -> np.ndarray:
+        if parent_cls == "HSwishDW":  # the gate conv: weight 1/6 as the code k (derived, exact)
             self.derived.append(node_name)
-            return np.full(channels, 1.0 / 6.0, np.float32)
+            return np.full(channels, 1.0 / (6.0 * self.modules[path.rpartition(".")[0]].code), np.float32)
         s = self.table.weights.get(node_name)
         if s is None:
             raise UserError(f"litert: scales.json has no weight scales for {node_name}")

@@ -36,10 +36,9 @@ from tests.compress.quant.tiny_trained import (CLASSES, SIZE, ort_session, train
 
 pytestmark = pytest.mark.litert
 
-# tensors the x86 graph quantizes that have no tensor of their own in the .tflite: h-swish's relu6 (the gate
-# conv computes relu6(x + 3) / 6 directly), the flatten (a reshape on its input's grid) and a global pool over
-# 1x1 features (removed by the converter; its grid is its input's)
-NO_HOME = ("/HardSwish/relu6_output", "/Flatten_output_0", "/GlobalAveragePool_output_0")
+# tensors the x86 graph quantizes that have no tensor of their own in the .tflite: the flatten (a reshape on its
+# input's grid) and a global pool over 1x1 features (removed by the converter; its grid is its input's)
+NO_HOME = ("/Flatten_output_0", "/GlobalAveragePool_output_0")
 DERIVED = ("/HardSwish/gate_output", "/scale_activation/HardSigmoid_output_0", "logits")
 
 
@@ -137,14 +136,17 @@ def test_one_xnnpack_partition_with_float_io(ptq):
     assert list(it.get_input_details()[0]["shape"]) == [1, 3, SIZE, SIZE]
 
 
-def test_int8_io_option(ptq, images):
-    """``litert-int8-io``: int8 input on the table's input grid and int8 logits, still one partition, the same
-    predictions as the float-I/O model."""
+def test_int8_io_and_the_depthwise_gate(ptq, images, monkeypatch):
+    """``litert-int8-io``: int8 input on the table's input grid and int8 logits.  Built here with every h-swish in
+    the depthwise-gate form (the one small conv outputs get): still one partition, the table's scales, the same
+    predictions as the ort-x86 int8 model on >= 99 % of the images."""
     from ai_edge_litert.interpreter import Interpreter
 
+    from compress.targets import litert_program
     from compress.targets.registry import TARGETS
 
-    inputs, _, artifact = ptq
+    inputs, graph, _ = ptq
+    monkeypatch.setattr(litert_program, "_XNNPACK_ADD_MIN_RATIO", float("inf"))  # no h-swish in the add form
     target = TARGETS["litert-int8-io"]
     int8_io = target.build(inputs)
     it = Interpreter(model_content=int8_io)
@@ -152,25 +154,35 @@ def test_int8_io_option(ptq, images):
     s, z = inputs.table.activations["input"]
     assert inp["dtype"] == np.int8 and out["dtype"] == np.int8
     assert inp["quantization"] == (pytest.approx(s, rel=1e-7), z - 128)
-    assert target.extras(int8_io, inputs.workdir)["xnnpack_partitions"] == 1
-    x = images[0][:200]
-    assert agreement(_run(target, int8_io, x), _run(LiteRT(), artifact, x)) >= 0.99
+    extras = target.extras(int8_io, inputs.workdir)
+    assert extras["xnnpack_partitions"] == 1 and extras["ops_outside_delegate"] == {}
+    acts, weights = target.scales(int8_io)
+    cmp = compare_scales(inputs.table, acts, weights)
+    assert cmp["max_rel_scale_deviation"] == 0.0 and cmp["max_rel_weight_scale_deviation"] == 0.0
+    assert any(k.endswith("/HardSwish/relu6_output") for k in set(inputs.table.activations) - set(acts))  # dw
+    x = images[0][:300]
+    assert agreement(_run(target, int8_io, x), ort_session(graph.model).run(None, {"input": x})[0]) >= 0.99
 
 
 def test_deploy_form_computes_the_float_network(tiny, source):
-    from compress.targets.litert_program import deploy_form
+    """Each h-swish form computes h-swish (the depthwise gate's clamp is its int8 output grid: clamped here);
+    the form follows the scale of the h-swish's input."""
+    from compress.targets.litert_program import deploy_form, hswish_form
 
+    assert hswish_form(0.05) == ("add", 0) and hswish_form(1e-6) == ("dw", 127)
+    assert hswish_form(1e-8) == ("dw", 7) and hswish_form(1e-12) == ("half", 0)  # the bias code 3 k / s_x fits
     x = torch.from_numpy(two_class_test_images(source, 16)[0])
-    form = deploy_form(tiny, lambda path: None)
-    gates = [m.gate for m in form.modules() if type(m).__name__ == "HSwish"]
-    assert gates and all(isinstance(g, torch.nn.Conv2d) and g.groups == g.in_channels for g in gates)
-    for g in gates:  # the gate's clamp to [0, 1] is its int8 output grid; in float, clamp it here
-        g.register_forward_hook(lambda mod, args, out: out.clamp(0.0, 1.0))
-    with torch.no_grad():
-        assert float((form(x) - tiny(x)).abs().max()) < 1e-4
-    degenerate = deploy_form(tiny, lambda path: 1e-12)  # a scale the gate's int32 bias cannot take
-    gates = [m for m in degenerate.modules() if type(m).__name__ == "HSwish"]
-    assert gates and all(m.gate is None for m in gates)  # the constant gate 1/2, all the 1/255 grid can hold
+    for scale, form in ((None, "HSwish"), (1e-6, "HSwishDW")):
+        model = deploy_form(tiny, lambda path: scale)
+        sites = [m for m in model.modules() if type(m).__name__.startswith("HSwish")]
+        assert sites and all(type(m).__name__ == form for m in sites)
+        for m in sites:
+            if form == "HSwishDW":
+                m.gate.register_forward_hook(lambda mod, args, out: out.clamp(0.0, 1.0))
+        with torch.no_grad():
+            assert float((model(x) - tiny(x)).abs().max()) < 1e-4, form
+    half = deploy_form(tiny, lambda path: 1e-12)  # x within 1e-6 of 0: the gate is 1/2 on its grid
+    assert all(type(m).__name__ == "HSwishHalf" for m in half.modules() if type(m).__name__.startswith("HSwish"))
 
 
 def test_a_point_without_a_scale_is_a_one_line_error(ptq, tiny):
