@@ -214,7 +214,7 @@ def compare(dirs, output_dir: str) -> None:
 @click.option("--dataset", default=None, help="Calibration (train split) and evaluation (test split) data (default: the checkpoint's, else fashion-mnist). " + _DATASET_HELP)
 @_workers_option
 @click.option("--input-size", type=click.IntRange(8), default=None, help="Square input side (default: the checkpoint's, else the dataset's).")
-@click.option("--target", "targets", default="ort-x86", show_default=True, help="Where the int8 model deploys, comma-separated: ort-x86, ort-arm64, openvino, executorch, litert. Every target's artifact carries the same scales (scales.json) and is measured in its own runtime.")
+@click.option("--target", "targets", default="ort-x86", show_default=True, help="Where the int8 model deploys, comma-separated: ort-x86, ort-arm64, openvino, executorch, litert (litert-int8-io: with int8 input and output). Every target's artifact carries the same scales (scales.json) and is measured in its own runtime.")
 @click.option("--calibration-size", type=click.IntRange(1), default=None, help="Train images used for calibration (default: the recipe's).")
 @click.option("--limit-train", type=click.IntRange(1), default=None, help="QAT recipes: train on the first N train images only (smoke runs).")
 @click.option("--limit-test", type=click.IntRange(1), default=None, help="Evaluate on the first N test images only (default: the whole test split).")
@@ -254,7 +254,8 @@ def quantize(recipe: str, weights, arch, dataset, input_size, targets, calibrati
                    f"{'' if lat is None else f', latency {lat:.3f} ms'}, {v['size_bytes'] / 2**20:.2f} MiB")
     for t in (r.get("targets") or {}).get("results", [])[1:]:
         speed = t.get("speedup_vs_runtime_fp32")
-        click.echo(f"  target {t['target']}: top-1 {100 * t['accuracy']['top1']:.2f}%, same top-1 as ort-x86 int8 "
+        top1 = t["accuracy"]["top1"]
+        click.echo(f"  target {t['target']}: top-1 {'n/a' if top1 is None else f'{100 * top1:.2f}%'}, same top-1 as ort-x86 int8 "
                    f"{100 * t['agreement_with_ort_x86_int8']:.2f}%, "
                    + (f"{speed:.2f}x its runtime's fp32" if speed else t.get("latency_note", "")) + f" ({t['file']})")
     if r.get("qat"):
