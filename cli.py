@@ -256,7 +256,7 @@ def compare(dirs, recipes, output_dir: str, **kw) -> None:
 @click.option("--dataset", default=None, help="Calibration (train split) and evaluation (test split) data (default: the checkpoint's, else fashion-mnist). " + _DATASET_HELP)
 @_workers_option
 @click.option("--input-size", type=click.IntRange(8), default=None, help="Square input side (default: the checkpoint's, else the dataset's).")
-@click.option("--target", "targets", default="ort-x86", show_default=True, help="Where the int8 model deploys, comma-separated: ort-x86, ort-arm64, openvino, executorch, litert. Every target's artifact carries the same scales (scales.json) and is measured in its own runtime.")
+@click.option("--target", "targets", default="ort-x86", show_default=True, help="Where the int8 model deploys, comma-separated: ort-x86, ort-arm64, openvino, executorch, litert (litert-int8-io: with int8 input and output). Every target's artifact carries the same scales (scales.json) and is measured in its own runtime.")
 @click.option("--calibration-size", type=click.IntRange(1), default=None, help="Train images used for calibration (default: the recipe's).")
 @click.option("--limit-train", type=click.IntRange(1), default=None, help="QAT recipes: train on the first N train images only (smoke runs).")
 @click.option("--limit-test", type=click.IntRange(1), default=None, help="Evaluate on the first N test images only (default: the whole test split).")
@@ -296,7 +296,8 @@ def quantize(recipe: str, weights, arch, dataset, input_size, targets, calibrati
                    f"{'' if lat is None else f', latency {lat:.3f} ms'}, {v['size_bytes'] / 2**20:.2f} MiB")
     for t in (r.get("targets") or {}).get("results", [])[1:]:
         speed = t.get("speedup_vs_runtime_fp32")
-        click.echo(f"  target {t['target']}: top-1 {100 * t['accuracy']['top1']:.2f}%, same top-1 as ort-x86 int8 "
+        top1 = t["accuracy"]["top1"]
+        click.echo(f"  target {t['target']}: top-1 {'n/a' if top1 is None else f'{100 * top1:.2f}%'}, same top-1 as ort-x86 int8 "
                    f"{100 * t['agreement_with_ort_x86_int8']:.2f}%, "
                    + (f"{speed:.2f}x its runtime's fp32" if speed else t.get("latency_note", "")) + f" ({t['file']})")
     if r.get("qat"):
@@ -329,17 +330,20 @@ def recipes() -> None:
 @_workers_option
 @click.option("--input-size", type=click.IntRange(8), default=None, help="Square input side (default: the checkpoint's, else the dataset's).")
 @click.option("--target-latency-ratio", type=click.FloatRange(0, 1, min_open=True), default=None, help="Stop at this fraction of the unpruned latency (default: the recipe's).")
-@click.option("--target", "targets", default="ort-x86", show_default=True, help="netadapt-int8: where its int8 model deploys, comma-separated, as for quantize (the other targets' artifacts go to int8/).")
+@click.option("--target", default="ort-x86", show_default=True, help="Where the pruned model deploys: the latency table and every measurement are timed in its runtime, in the recipe's precision (netadapt-int8: int8), and netadapt-int8 ends with its int8 artifact. ort-x86 and openvino are measured here; ort-arm64 needs --latency-table.")
+@click.option("--latency-table", type=click.Path(dir_okay=False), default=None, help="A latency table measured on the device (tools/device_latency.py): the search follows its times.")
 @click.option("--limit-train", type=click.IntRange(1), default=None, help="Use only the first N train images (holdout and fine-tunes; smoke runs).")
 @click.option("--limit-test", type=click.IntRange(1), default=None, help="Evaluate the result on the first N test images only (default: the whole test split).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Where the fine-tunes run (auto: CUDA when there is one; under torchrun: GPU LOCAL_RANK). Latency is onnxruntime on the CPU.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Where the fine-tunes run (auto: CUDA when there is one; under torchrun: GPU LOCAL_RANK). Latency is always measured on the CPU.")
 @click.option("--output-dir", "-o", type=click.Path(file_okay=False), default=None, help="Where the models and reports go (default: runs/prune-RECIPE).")
-def prune(recipe: str, weights, arch, dataset, input_size, target_latency_ratio, targets, limit_train, limit_test,
-          device: str, output_dir, **model_options) -> None:
-    """NetAdapt channel pruning to a measured-latency target (onnxruntime CPU), then a longer fine-tune.
+def prune(recipe: str, weights, arch, dataset, input_size, target_latency_ratio, target, latency_table, limit_train,
+          limit_test, device: str, output_dir, **model_options) -> None:
+    """NetAdapt channel pruning to a latency target measured on the deploy target, then a longer fine-tune.
 
     Writes model_fp32.onnx (pruned), reference_fp32.onnx, arch.json, model.pt, recipe.toml, report.json (every
-    iteration in 'trajectory', drawn by 'compare') and report.md; netadapt-int8 adds int8/ (the int8 recipe).
+    iteration in 'trajectory', drawn by 'compare') and report.md; netadapt-int8 searches on the target's int8
+    latency and adds int8/ (the pruned network through the int8 recipe, with the target's artifact) and
+    int8-reference/ (the unpruned one, the speedup's baseline).
     Launched by torchrun, the fine-tunes run with DistributedDataParallel; rank 0 alone measures latency,
     writes and prints.
     """
@@ -352,7 +356,8 @@ def prune(recipe: str, weights, arch, dataset, input_size, target_latency_ratio,
     if limit_train is not None:
         overrides["limit_train"] = limit_train
     r = run_prune(recipe, weights=weights, arch=arch, dataset=dataset, input_size=input_size, output_dir=out,
-                  eval_limit=limit_test, device=device, model_options=model_options, targets=targets, **overrides)
+                  eval_limit=limit_test, device=device, model_options=model_options, target=target,
+                  latency_table=latency_table, **overrides)
     if r.get("rank", 0) != 0:  # under torchrun: rank 0 reports for all
         return
     for v in r["variants"]:
@@ -363,6 +368,11 @@ def prune(recipe: str, weights, arch, dataset, input_size, target_latency_ratio,
     s = r["summary"]
     click.echo(f"speedup {s['speedup']:.2f}x, top-1 drop {s['top1_drop_pt']} pt after {s['iterations']} iterations "
                f"({s['stop']}); report: {Path(r['output_dir']) / 'report.md'}")
+    if "int8_speedup" in s:
+        d = r["deployment"]
+        click.echo(f"int8 on {d['target']} (timed on {d['timed_on']}): pruned {s['int8_speedup']:.2f}x faster than "
+                   f"the unpruned int8, top-1 {100 * s['top1_pruned_int8']:.2f}% "
+                   f"({s['top1_pruned_int8_drop_vs_float_pt']:+.2f} pt below the unpruned float)")
 
 
 @main.command()

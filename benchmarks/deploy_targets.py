@@ -41,8 +41,7 @@ def build(model, source, workdir: Path, calibration_size: int):
     """Our reference int8 (the int8 recipe) and the BuildInputs every target is made from."""
     from calibration.reader import TrainSplitReader
     from compress.onnx.export import to_onnx
-    from compress.quant.core import calibrate, prepare_float, quantize_prepared
-    from compress.quant.pipeline import _range_dict
+    from compress.quant.core import calibrate, prepare_float, quantize_prepared, range_dict
     from compress.targets.base import BuildInputs
     from compress.targets.table import ScaleTable
     from recipes.loader import load_recipe
@@ -53,7 +52,7 @@ def build(model, source, workdir: Path, calibration_size: int):
     reader = TrainSplitReader(source, calibration_size, 1, 0)
     ranges = calibrate(prepared, reader, rec.calibration, workdir)
     graph = quantize_prepared(prepared, ranges, rec, workdir)
-    table = ScaleTable.from_int8(graph.model, fp32, _range_dict(ranges), graph.excluded)
+    table = ScaleTable.from_int8(graph.model, fp32, range_dict(ranges), graph.excluded)
     batches = []
     reader.rewind()
     while (item := reader.get_next()) is not None:

@@ -1,4 +1,4 @@
-"""int8 vs fp32 latency on this CPU: MobileNetV3-Small @32 and MobileNetV3-Large @224, 1 thread, batch 1.
+"""int8 vs fp32 latency on this CPU: the embedded default and MobileNetV3-Large @224, 1 thread, batch 1.
 
 Every model is measured in ONE interleaved run (``eval.latency.measure_interleaved``: sessions built first,
 rounds alternate between models), so machine drift hits all alike.  The int8 models are made by the int8
@@ -11,8 +11,9 @@ Besides fp32 vs the recipe's int8, the candidates behind the recipe's choices ar
   QLinearMul, gates read with fixed scale 1/255);
 * activation type: uint8 (U8S8) vs int8 (S8S8) for the recipe's form.
 
-Weights: the cached default model for Small @32 when it exists (``--small-weights`` to choose), random init
-otherwise and always for Large @224 (no trained Large exists here); latency does not depend on weight values.
+Weights: the embedded default's own (``--default-weights`` to measure another checkpoint at the default's
+architecture and size); random init for Large @224 (no ImageNet weights exist here), as latency does not depend
+on weight values.
 
     python benchmarks/int8_latency.py                    # both models, all candidates
     python benchmarks/int8_latency.py --no-forms --rounds 9 --json runs/bench/int8_latency.json
@@ -27,23 +28,27 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-CONFIGS = (("mobilenet_v3_small", 32), ("mobilenet_v3_large", 224))
+LARGE_224 = ("mobilenet_v3_large", 224)
 FORMS = (("hardswish", "op"), ("x_relu6", "op"), ("x_relu6", "relu6"))
+
+
+def configs() -> tuple[tuple[str, int], ...]:
+    """(architecture, input size): the embedded default, then Large @224."""
+    from compress.models.default import shipped
+
+    s = shipped()
+    return ((s.arch, s.input_size), LARGE_224)
 
 
 def _float_model(arch: str, size: int, weights: str | None):
     """(LoadedModel, source description)."""
     from compress.models.checkpoint import load_model
+    from compress.models.default import load_shipped, shipped
 
     if weights:
         return load_model(weights, arch), weights
-    if arch == "mobilenet_v3_small" and size == 32:
-        from calibration.datasets import open_dataset
-        from compress.training.default_model import default_checkpoint_path
-
-        path = default_checkpoint_path(arch, open_dataset("fashion-mnist", size))
-        if path.exists():
-            return load_model(path), f"default model ({path})"
+    if (arch, size) != LARGE_224:
+        return load_shipped(), f"embedded default ({shipped().file})"
     import torch
 
     torch.manual_seed(0)
@@ -92,7 +97,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--round-time", type=float, default=0.25, help="seconds per model and round (default: 0.25)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--calibration-size", type=int, default=128, help="train images (latency does not depend on it)")
-    p.add_argument("--small-weights", default=None, help="checkpoint for Small @32 (default: the cached default)")
+    p.add_argument("--default-weights", default=None,
+                   help="checkpoint measured in place of the embedded default (its architecture and size)")
     p.add_argument("--no-forms", dest="forms", action="store_false", help="only fp32 vs the recipe's int8")
     p.add_argument("--json", type=Path, help="also write the result here")
     args = p.parse_args(argv)
@@ -105,8 +111,8 @@ def main(argv: list[str] | None = None) -> dict:
     models: dict[str, bytes] = {}
     facts = {}
     with tempfile.TemporaryDirectory(prefix="int8-bench.") as tmp:
-        for arch, size in CONFIGS:
-            m, f = build_variants(arch, size, args.small_weights if "small" in arch else None, args.forms,
+        for i, (arch, size) in enumerate(configs()):
+            m, f = build_variants(arch, size, args.default_weights if i == 0 else None, args.forms,
                                   args.calibration_size, Path(tmp))
             models.update(m)
             facts[f"{arch}@{size}"] = f

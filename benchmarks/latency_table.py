@@ -1,13 +1,15 @@
 """How well NetAdapt's per-block latency table predicts whole networks: predicted vs measured latency.
 
-Builds ``--networks`` pruned variants of one architecture (random channel cuts of random groups, in steps of 8,
-seeded), predicts each with the latency table and measures each whole network with onnxruntime, all networks
-interleaved in one measurement, and reports the table's errors (``compress.prune.latency_table.agreement``):
-mean / max absolute relative error, and the same after one scale calibrated on the unpruned network (how
-NetAdapt uses the table: relative to its seed).
+Builds ``--networks`` pruned variants of one architecture (random channel cuts of random groups, in the
+target's channel step, seeded), predicts each with the latency table of ``--target`` / ``--precision`` and
+measures each whole network as that target runs it (the same artifacts NetAdapt measures:
+``compress.prune.unit_timing``), all networks interleaved in one measurement, and reports the table's errors
+(``compress.prune.latency_table.agreement``): mean / max absolute relative error, and the same after one scale
+calibrated on the unpruned network (how NetAdapt uses the table: relative to its seed).
 
-    python benchmarks/latency_table.py                            # MobileNetV3-Small @32, 12 networks, 1 thread
-    python benchmarks/latency_table.py --arch mobilenet_v3_large --input-size 64 --networks 16
+    python benchmarks/latency_table.py                            # the embedded default's network, ort-x86 fp32
+    python benchmarks/latency_table.py --target ort-x86 --precision int8 --networks 12
+    python benchmarks/latency_table.py --target openvino --precision int8 --arch mobilenet_v3_small --input-size 64
 """
 from __future__ import annotations
 
@@ -20,12 +22,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def pruned_specs(arch: str, n: int, seed: int = 0, num_classes: int = 10) -> list:
-    """The unpruned spec and ``n - 1`` random prunings of it (each cuts 1-4 groups by 8-50 %)."""
+def pruned_specs(arch: str, n: int, seed: int = 0, num_classes: int = 10, step: int = 8) -> list:
+    """The unpruned spec and ``n - 1`` random prunings of it (each cuts 1-4 groups by 8-50 %, to multiples of
+    ``step``)."""
     import numpy as np
 
     from compress.models.mobilenetv3 import arch_spec
-    from compress.prune.channels import DIVISOR, channel_groups, pruned_spec, structure_problems
+    from compress.prune.channels import channel_groups, pruned_spec, structure_problems
 
     rng = np.random.default_rng(seed)
     base = arch_spec(arch, num_classes=num_classes)
@@ -34,7 +37,7 @@ def pruned_specs(arch: str, n: int, seed: int = 0, num_classes: int = 10) -> lis
         groups = channel_groups(base)
         sizes = {}
         for g in rng.choice(groups, size=int(rng.integers(1, 5)), replace=False):
-            keep = max(DIVISOR, int(g.channels * rng.uniform(0.5, 0.92)) // DIVISOR * DIVISOR)
+            keep = max(step, int(g.channels * rng.uniform(0.5, 0.92)) // step * step)
             sizes[g.name] = keep
         spec = pruned_spec(base, sizes)
         if not structure_problems(base, spec) and spec not in specs:
@@ -44,29 +47,35 @@ def pruned_specs(arch: str, n: int, seed: int = 0, num_classes: int = 10) -> lis
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arch", default="mobilenet_v3_small", choices=("mobilenet_v3_small", "mobilenet_v3_large"))
-    p.add_argument("--input-size", type=int, default=32)
+    p.add_argument("--arch", default=None, choices=("mobilenet_v3_small", "mobilenet_v3_large"),
+                   help="default: the embedded default's")
+    p.add_argument("--input-size", type=int, default=None, help="default: the embedded default's")
+    p.add_argument("--target", default="ort-x86", help="ort-x86 or openvino (the targets timed on this machine)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "int8"))
     p.add_argument("--networks", type=int, default=12, help="networks compared (default: 12, at least 10)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--json", type=Path, help="also write the result here")
     args = p.parse_args(argv)
 
+    from compress.models.default import shipped
     from compress.models.mobilenetv3 import MobileNetV3
-    from compress.onnx.export import to_onnx
     from compress.prune.latency_table import LatencyTable, agreement
-    from eval.latency import measure_interleaved
+    from compress.prune.unit_timing import Timing, measure_artifacts, network_artifact
     from eval.model_info import machine_info
 
-    specs = pruned_specs(args.arch, args.networks)
-    size = args.input_size
+    timing = Timing(args.target, args.precision)
+    timing.check()
+    arch, size = args.arch or shipped().arch, args.input_size or shipped().input_size
+    specs = pruned_specs(arch, args.networks, step=timing.channel_step)
     with tempfile.TemporaryDirectory() as tmp:
-        table = LatencyTable(size, args.threads, 1, path=Path(tmp) / "table.json", progress=True)
+        table = LatencyTable(size, args.threads, 1, path=Path(tmp) / "table.json", progress=True, timing=timing)
         predicted = [table.predict(s) for s in specs]
-    measured = measure_interleaved({str(i): to_onnx(MobileNetV3(s), (size, size)) for i, s in enumerate(specs)},
-                                   threads=args.threads, rounds=args.rounds, round_time_s=0.1)
+    artifacts = {str(i): network_artifact(MobileNetV3(s).eval(), (size, size), timing, 1) for i, s in enumerate(specs)}
+    measured = measure_artifacts(artifacts, timing, (size, size), args.threads, 1, args.rounds)
     meas = [measured[str(i)]["median"] for i in range(len(specs))]
-    result = {"arch": args.arch, "input_size": size, "threads": args.threads, "networks": len(specs),
+    result = {"arch": arch, "input_size": size, "timing": timing.key, "runtime": timing.runtime_version(),
+              "channel_step": timing.channel_step, "threads": args.threads, "networks": len(specs),
               "predicted_ms": [round(x, 5) for x in predicted], "measured_ms": meas,
               "agreement": agreement(predicted, meas), "machine": machine_info()}
     for i, (a, b) in enumerate(zip(predicted, meas)):

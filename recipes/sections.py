@@ -156,6 +156,8 @@ class PruneConfig:
     seed: int = 0
     quantize_after: bool = False  # then apply [quantize] / [calibration] to the pruned network (netadapt-int8)
     limit_train: int = 0  # 0: the whole train split; else its first N images (holdout and fine-tune pool)
+    latency_precision: str = "fp32"  # what the latency table and the loop's measurements time: "fp32" or "int8"
+    channel_step: int = 0  # channels per cut; 0: the target's kernel multiple (16 for ort-x86 int8, else 8)
 
     def __post_init__(self) -> None:
         _check_range("target_latency_ratio", self.target_latency_ratio, 0.0, 1.0, lo_open=True)
@@ -173,6 +175,11 @@ class PruneConfig:
         _check_range("max_iterations", self.max_iterations, 1, 10_000)
         _check_range("torch_threads", self.torch_threads, 0, 1024)
         _check_range("limit_train", self.limit_train, 0, 100_000_000)
+        _allowed("latency_precision", self.latency_precision, ("fp32", "int8"))
+        _check_range("channel_step", self.channel_step, 0, 1024)
+        if self.channel_step % 8:
+            raise ValueError(f"channel_step = {self.channel_step} is not allowed; allowed: 0 or a multiple of 8 "
+                             f"(the architecture's channel divisor)")
 
 
 @dataclass(frozen=True)

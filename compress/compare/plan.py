@@ -95,6 +95,10 @@ def plan_subruns(recipes: Sequence[Recipe], out: Path, common: dict[str, Any], t
                    "limit_train": common.get("limit_train") if rec.name in trains else None}
         if kind == "prune" and not rec.prune.quantize_after:
             request["targets"] = ["ort-x86"]  # nothing of it deploys elsewhere
+        elif kind == "prune":
+            # NetAdapt searches on one target's int8 latency and deploys there (prune --target T); the pruned
+            # network reaches every target when the plain pruning recipe is asked too (an int8-of sub-run)
+            request["targets"] = list(common.get("targets") or ["ort-x86"])[:1]
         subs.append(SubRun(rec.name, rec, kind, out / RUNS_DIR / rec.name, request, base=base))
     return sorted(subs, key=lambda s: s.kind == "int8-of")  # stable: the bases keep their order
 

@@ -38,7 +38,7 @@ def _run_prune(sub: SubRun, o: Options) -> None:
     overrides = {"limit_train": o["limit_train"]} if o["limit_train"] else {}
     prune(sub.recipe, weights=o["weights"], dataset=o["dataset"], input_size=o["input_size"], output_dir=sub.dir,
           eval_limit=o["limit_test"], progress=o["progress"], device=o["device"], model_options=o["model_options"],
-          targets=",".join(sub.request["targets"]), **overrides)
+          target=sub.request["targets"][0], **overrides)
 
 
 def _run_int8_of(sub: SubRun, o: Options) -> None:

@@ -21,7 +21,7 @@ from compress.onnx.metadata import INPUT_NAME, OUTPUT_NAME, set_metadata
 OPSET = 17
 
 
-def _drop_identities(model: onnx.ModelProto) -> None:
+def drop_identities(model: onnx.ModelProto) -> None:
     """The TorchScript exporter leaves Identity nodes over shared initializers; rewire and drop them."""
     graph = model.graph
     outputs = {o.name for o in graph.output}
@@ -51,7 +51,7 @@ def to_onnx(model: torch.nn.Module, input_size: tuple[int, int], opset: int = OP
                           output_names=[OUTPUT_NAME], do_constant_folding=True,
                           dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
     proto = onnx.load_from_string(buf.getvalue())
-    _drop_identities(proto)
+    drop_identities(proto)
     return proto
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 
 __all__ = ["producers_consumers", "op_counts", "conv_nodes", "attr_int", "is_scalar_initializer", "weight_channel_axis",
-           "fix_batch"]
+           "fix_batch", "quantized_tensor_name"]
 
 
 def producers_consumers(g: onnx.GraphProto) -> tuple[dict[str, onnx.NodeProto], dict[str, list[onnx.NodeProto]]]:
@@ -56,3 +56,14 @@ def fix_batch(model: onnx.ModelProto, batch: int = 1) -> onnx.ModelProto:
             dims[0].dim_value = batch
     del out.graph.value_info[:]  # inferred with the dynamic batch
     return out
+
+
+_RENAMED_OUTPUT = "_QuantizeLinear_Input"  # onnxruntime renames the producer tensor of a quantized graph output
+
+
+def quantized_tensor_name(name: str, graph_outputs) -> str:
+    """The float graph's name of a tensor a QuantizeLinear reads: onnxruntime's QDQ quantizer renames a graph
+    output ``X`` it quantizes (its producer writes ``X_QuantizeLinear_Input``, the DequantizeLinear writes X)."""
+    if name.endswith(_RENAMED_OUTPUT) and name[:-len(_RENAMED_OUTPUT)] in graph_outputs:
+        return name[:-len(_RENAMED_OUTPUT)]
+    return name

@@ -8,9 +8,16 @@ Identity on the unit's input), and the table stores the unit's *marginal* time: 
 baseline's median.  The whole network is then predicted as ``base + sum(marginal times)``, ``base`` being the
 fixed cost of one ``session.run`` (input binding, output allocation) that a real network pays once.
 
-The table is cached as JSON under ``$MNV3_COMPRESS_HOME/latency/`` in a file keyed by CPU model, onnxruntime
+What is timed, and where, is a :class:`compress.prune.unit_timing.Timing`: a deploy target's runtime and a
+precision (``ort-x86`` fp32 by default; ``netadapt-int8`` times int8 units on its ``--target``).  The table is
+cached as JSON under ``$MNV3_COMPRESS_HOME/latency/`` in a file keyed by target and precision, CPU model, runtime
 version, threads, batch and input size; an entry is measured once and reused across runs.  How well the sum
 agrees with whole-network measurements is checked by :func:`agreement` and reported by NetAdapt.
+
+A target whose CPU is not this one (``ort-arm64``) reads a *device table*: the same JSON, measured on the device
+by ``tools/device_latency.py`` (``device_table=``).  Its entries are used as measured; a unit it lacks (a cut
+deeper than the device measured) is this machine's time for the same artifact scaled by the device-to-host ratio
+of the units at the same place in the network, and the report counts how many were.
 
 Under torchrun NetAdapt reads it through :class:`SharedTable`: rank 0 alone times units and writes the file,
 every rank holds the same entries.
@@ -27,21 +34,24 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+import onnx
 import torch
-from onnx import TensorProto, helper
 from torch import nn
 from tqdm import tqdm
 
+from compress.errors import UserError
 from compress.io import home as default_home
 from compress.io import write_json
 from compress.models.mobilenetv3 import ArchSpec, ConvBNAct, InvertedResidual, _act
+from compress.onnx.export import drop_identities
+from compress.prune.unit_timing import Timing
 from compress.training import distributed
 from compress.training.distributed import DistContext
 
-__all__ = ["LatencyTable", "SharedTable", "network_units", "unit_module", "unit_onnx", "export_unit", "table_path",
-           "agreement"]
+__all__ = ["LatencyTable", "SharedTable", "DeviceTable", "network_units", "unit_module", "unit_onnx", "export_unit",
+           "table_path", "agreement"]
 
-TABLE_VERSION = 1
+TABLE_VERSION = 2  # 2: the target and precision are part of the table
 
 
 def _out_size(h: int, kernel: int, stride: int, dilation: int = 1) -> int:
@@ -114,44 +124,48 @@ def export_unit(module: nn.Module, chw: Sequence[int], batch: int) -> bytes:
         warnings.simplefilter("ignore")
         torch.onnx.export(module, (torch.zeros(batch, *chw),), buf, dynamo=False, opset_version=17,
                           input_names=["input"], output_names=["output"], do_constant_folding=True)
-    return buf.getvalue()
+    proto = onnx.load_from_string(buf.getvalue())
+    drop_identities(proto)  # as the network's export: every weight an initializer (the int8 passes need it)
+    return proto.SerializeToString()
 
 
-def identity_onnx(batch: int, chw: Sequence[int]) -> bytes:
-    """The baseline: a graph that only hands its input back (what every session.run costs)."""
-    shape = [batch, *chw]
-    graph = helper.make_graph([helper.make_node("Identity", ["input"], ["output"])], "identity",
-                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)],
-                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, shape)])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
-
-
-def table_path(input_size: int, threads: int, batch: int, home: Path | None = None) -> Path:
-    """``$MNV3_COMPRESS_HOME/latency/<cpu>_ort<version>_t<threads>_b<batch>_<size>.json``."""
+def table_path(input_size: int, threads: int, batch: int, home: Path | None = None, timing: Timing = Timing()
+               ) -> Path:
+    """``$MNV3_COMPRESS_HOME/latency/<target>-<precision>_<cpu>_<runtime>_t<threads>_b<batch>_<size>.json``."""
     from eval.model_info import machine_info
 
     info = machine_info()
     cpu = str(info.get("cpu") or "cpu")
     slug = re.sub(r"[^A-Za-z0-9]+", "-", cpu).strip("-")[:40] or "cpu"
     digest = hashlib.sha1(f"{cpu}|{info.get('cores')}|{','.join(info.get('isa') or [])}".encode()).hexdigest()[:8]
-    name = f"{slug}-{digest}_ort{info.get('onnxruntime')}_t{threads}_b{batch}_{input_size}.json"
+    runtime = re.sub(r"[^A-Za-z0-9.]+", "", timing.runtime_version())
+    name = f"{timing.key}_{slug}-{digest}_{runtime}_t{threads}_b{batch}_{input_size}.json"
     return (home or default_home()) / "latency" / name
 
 
 class LatencyTable:
-    """Measured marginal latency (ms) of network units on this machine at ``threads`` x ``batch``."""
+    """Measured marginal latency (ms) of network units at ``threads`` x ``batch``, timed as ``timing`` says (on
+    this machine, or read from a ``device_table`` measured on the device)."""
 
     def __init__(self, input_size: int, threads: int = 1, batch: int = 1, path: str | Path | None = None,
-                 rounds: int = 3, round_time_s: float = 0.04, progress: bool = True) -> None:
+                 rounds: int = 3, round_time_s: float = 0.04, progress: bool = True, timing: Timing | None = None,
+                 device_table: str | Path | None = None) -> None:
         from eval.model_info import machine_info
 
         self.input_size, self.threads, self.batch = int(input_size), int(threads), int(batch)
-        self.path = Path(path) if path is not None else table_path(self.input_size, self.threads, self.batch)
+        self.timing = timing or Timing()
+        self.path = Path(path) if path is not None else table_path(self.input_size, self.threads, self.batch,
+                                                                   timing=self.timing)
         self.rounds, self.round_time_s, self.progress = rounds, round_time_s, progress
         self.machine = machine_info()
         self.entries: dict[str, dict[str, float]] = {}
-        self.base_ms: list[float] = []  # the Identity baseline of every measurement batch
+        self.base_ms: list[float] = []  # the baseline of every measurement batch
         self.measured_here = 0
+        self.device: DeviceTable | None = None
+        if device_table is not None:
+            self.device = DeviceTable.read(device_table, self)
+        elif not self.timing.measurable_here:
+            self.timing.check()  # the one-line error: measure it on the device
         self._load()
 
     def _load(self) -> None:
@@ -172,6 +186,8 @@ class LatencyTable:
         count, batch or input size, another CPU (model or int8-relevant ISA flags) or onnxruntime version."""
         machine = data.get("machine") or {}
         checks = [("format version", data.get("version"), TABLE_VERSION),
+                  ("target and precision", data.get("timing"), self.timing.key),
+                  ("runtime", data.get("runtime"), self.timing.runtime_version()),
                   ("thread count", data.get("threads"), self.threads), ("batch", data.get("batch"), self.batch),
                   ("input size", data.get("input_size"), self.input_size),
                   ("CPU", machine.get("cpu"), self.machine.get("cpu")),
@@ -184,16 +200,20 @@ class LatencyTable:
 
     def save(self) -> Path:
         return write_json(self.path, {
-            "version": TABLE_VERSION, "input_size": self.input_size, "threads": self.threads, "batch": self.batch,
+            "version": TABLE_VERSION, "timing": self.timing.key, "runtime": self.timing.runtime_version(),
+            "input_size": self.input_size, "threads": self.threads, "batch": self.batch,
             "machine": self.machine, "base_ms": self.base_ms, "units": self.entries})
 
     @property
     def base(self) -> float:
-        """Fixed per-run cost (ms): the median of the baselines measured so far."""
+        """Fixed per-run cost (ms): the median of the baselines measured so far (the device's, for a device
+        table)."""
+        if self.device is not None:
+            return self.device.base
         return float(np.median(self.base_ms)) if self.base_ms else 0.0
 
     def missing(self, specs: Iterable[ArchSpec]) -> list[dict[str, Any]]:
-        seen, out = set(self.entries), []
+        seen, out = set(self.entries) | set(self.device.units if self.device is not None else ()), []
         for spec in specs:
             for u in network_units(spec, self.input_size):
                 k = unit_key(u)
@@ -203,20 +223,26 @@ class LatencyTable:
         return out
 
     def measure(self, units: Sequence[dict[str, Any]], chunk: int = 8) -> None:
-        """Time ``units`` (a few at a time, interleaved with their Identity baselines) and store them."""
-        from eval.latency import measure_interleaved
+        """Time ``units`` (a few at a time, interleaved with their baselines) and store them."""
+        from eval.latency import interleave
 
         units = [u for u in units if unit_key(u) not in self.entries]
-        bar = tqdm(total=len(units), desc="latency table", leave=False, disable=not (self.progress and units))
+        if units:
+            self.timing.check(proxy=self.device is not None)
+        bar = tqdm(total=len(units), desc=f"latency table ({self.timing.key})", leave=False,
+                   disable=not (self.progress and units))
+        t, b = self.timing, self.batch
         for start in range(0, len(units), chunk):
             part = units[start:start + chunk]
-            models: dict[str, bytes] = {}
+            calls = {}
             for i, u in enumerate(part):
                 _, chw = unit_module(u)
-                models[f"u{i}"] = unit_onnx(u, self.batch)
-                models.setdefault(f"base{chw}", identity_onnx(self.batch, chw))
-            r = measure_interleaved(models, threads=self.threads, batch=self.batch, rounds=self.rounds,
-                                    warmup=5, round_time_s=self.round_time_s)
+                calls[f"u{i}"] = t.call(t.artifact(onnx.load_from_string(unit_onnx(u, b)), chw, b), chw, b,
+                                        self.threads)
+                if f"base{chw}" not in calls:
+                    calls[f"base{chw}"] = t.call(t.baseline(chw, b), chw, b, self.threads)
+            r = interleave(calls, threads=self.threads, batch=b, rounds=self.rounds, warmup=5,
+                           round_time_s=self.round_time_s)
             bases = {k: v["median"] for k, v in r.items() if k.startswith("base")}
             self.base_ms.append(float(np.median(list(bases.values()))))
             for i, u in enumerate(part):
@@ -230,22 +256,76 @@ class LatencyTable:
         if units:
             self.save()
 
-    def unit_ms(self, unit: dict[str, Any]) -> float:
+    def unit_ms(self, unit: dict[str, Any], position: int | None = None) -> float:
+        """A unit's marginal ms (``position``: its index in the network, which a device table's scaling needs)."""
         k = unit_key(unit)
+        if self.device is not None and k in self.device.units:
+            self.device.used.add(k)
+            return self.device.units[k]
         if k not in self.entries:
             self.measure([unit])
-        return float(self.entries[k]["ms"])
+        host = float(self.entries[k]["ms"])
+        if self.device is None:
+            return host
+        self.device.scaled.add(k)
+        return host * self.device.ratio(position, self)
 
     def breakdown(self, spec: ArchSpec) -> list[tuple[str, float]]:
         """(unit name, marginal ms) for every unit of ``spec``."""
         self.measure(self.missing([spec]))
         names = ["stem"] + [f"block{i}" for i in range(len(spec.blocks))] + ["last_conv", "head"]
-        return [(n, self.unit_ms(u)) for n, u in zip(names, network_units(spec, self.input_size))]
+        return [(n, self.unit_ms(u, i)) for i, (n, u) in enumerate(zip(names, network_units(spec, self.input_size)))]
 
     def predict(self, spec: ArchSpec) -> float:
         """Predicted whole-network latency (ms): the per-run baseline plus every unit's marginal time."""
         self.measure(self.missing([spec]))
-        return self.base + sum(self.unit_ms(u) for u in network_units(spec, self.input_size))
+        return self.base + sum(self.unit_ms(u, i) for i, u in enumerate(network_units(spec, self.input_size)))
+
+
+class DeviceTable:
+    """A table measured on the device (``tools/device_latency.py measure``): the file :meth:`LatencyTable.save`
+    writes, whose units also record their ``position`` in the network they were taken from."""
+
+    def __init__(self, path: Path, units: dict[str, float], positions: dict[str, int], base: float,
+                 machine: dict[str, Any]) -> None:
+        self.path, self.units, self.positions, self.base, self.machine = path, units, positions, base, machine
+        self._ratios: dict[int | None, float] = {}
+        self.used: set[str] = set()  # units read from the device's measurement
+        self.scaled: set[str] = set()  # units timed here and scaled to the device
+
+    @classmethod
+    def read(cls, path: str | Path, table: "LatencyTable") -> "DeviceTable":
+        path = Path(path)
+        try:
+            doc = json.loads(path.read_text())
+            units = {k: float(v["ms"]) for k, v in doc["units"].items()}
+            positions = {k: int(v["position"]) for k, v in doc["units"].items() if "position" in v}
+            base = float(np.median(doc["base_ms"])) if doc.get("base_ms") else 0.0
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{path} is not a latency table ({e}); write one with tools/device_latency.py") from None
+        want = {"version": TABLE_VERSION, "timing": table.timing.key, "threads": table.threads,
+                "batch": table.batch, "input_size": table.input_size}
+        for k, v in want.items():
+            if doc.get(k) != v:
+                raise UserError(f"{path} was measured with {k} {doc.get(k)!r}; this run needs {v!r}")
+        if not units:
+            raise UserError(f"{path} holds no units")
+        return cls(path, units, positions, base, dict(doc.get("machine") or {}))
+
+    def ratio(self, position: int | None, table: "LatencyTable") -> float:
+        """Device ms / this machine's ms for the same artifacts: the median over the device's units at
+        ``position`` (all its units when none is there)."""
+        if position not in self._ratios:
+            keys = [k for k, p in self.positions.items() if p == position] or list(self.units)
+            table.measure([json.loads(k) for k in keys])
+            pairs = [self.units[k] / table.entries[k]["ms"] for k in keys if table.entries[k]["ms"] > 0]
+            self._ratios[position] = float(np.median(pairs)) if pairs else 1.0
+        return self._ratios[position]
+
+    def summary(self) -> dict[str, Any]:
+        return {"file": str(self.path), "machine": self.machine, "units_in_file": len(self.units),
+                "units_used": len(self.used), "units_scaled_from_this_machine": len(self.scaled),
+                "ratios_device_over_host": {str(k): round(v, 4) for k, v in self._ratios.items()}}
 
 
 class SharedTable:
@@ -261,6 +341,8 @@ class SharedTable:
     def __init__(self, table: LatencyTable, ctx: DistContext) -> None:
         self.table, self.ctx = table, ctx
         self._take(distributed.from_main(ctx, lambda: (table.entries, table.base_ms)))  # rank 0's cache file
+        if table.device is not None and ctx.distributed:  # the host side of the device's units, on rank 0 only
+            self.measure([json.loads(k) for k in table.device.units])
 
     def _take(self, state: tuple[dict[str, dict[str, float]], list[float]]) -> None:
         self.table.entries, self.table.base_ms = dict(state[0]), list(state[1])

@@ -2,15 +2,17 @@
 
 Start from a trained network.  Each iteration makes one *proposal* per channel group
 (:func:`compress.prune.channels.channel_groups`: one block's expansion, or the bottleneck of all blocks sharing a
-residual stream, or the head): the smallest cut, in steps of 8 channels, whose latency - predicted by the
-measured per-layer table (:mod:`compress.prune.latency_table`) - is at least ``delta = delta_ratio x L(seed)``
-lower.  Each proposal keeps its most important channels (``importance``), gets a short fine-tune on the
+residual stream, or the head): the smallest cut, in steps of the target's kernel multiple (``channel_step``: 8,
+16 for ORT's x86 int8), whose latency - predicted by the measured per-layer table
+(:mod:`compress.prune.latency_table`) on the deploy target, in the precision it ships (``latency_precision``;
+:mod:`compress.prune.unit_timing`) - is at least ``delta = delta_ratio x L(seed)`` lower.  Each proposal keeps its most important channels (``importance``), gets a short fine-tune on the
 train split, and is scored on a held-out subset of the TRAIN split (never the test split).  The kept
 proposal maximises ``dAccuracy / |dLatency|`` (``selection = "ratio"``, the MobileNetV3 rule) or the
 accuracy itself (``"min_drop"``, NetAdapt's original rule).  Its whole-network latency is then measured
-(onnxruntime, the deployment's threads and batch, interleaved with the seed model); the loop stops once that
-measurement and the table's prediction are both at most ``target_latency_ratio`` of the seed's (one noisy
-measurement alone does not end the search).  A longer fine-tune follows, and the result is
+(the target's runtime and precision, the deployment's threads and batch, interleaved with the seed model); the
+loop stops once that measurement and the table's prediction are both at most ``target_latency_ratio`` of the
+seed's (one noisy measurement alone does not end the search).  With a device table (a target whose CPU is not
+this one) the prediction alone decides, and the measurement here is reported as a host proxy.  A longer fine-tune follows, and the result is
 measured on the full test split against the unpruned model, latencies timed interleaved in one run.
 
 Outputs (each written atomically): ``model_fp32.onnx`` (the pruned float network), ``reference_fp32.onnx``
@@ -43,7 +45,6 @@ from calibration.subsets import partition
 from compress.errors import UserError
 from compress.io import ensure_dir
 from compress.models.mobilenetv3 import ArchSpec, MobileNetV3, count_params
-from compress.onnx.export import to_onnx
 from compress.prune.channels import (
     DIVISOR,
     ChannelGroup,
@@ -53,13 +54,12 @@ from compress.prune.channels import (
     structure_problems,
 )
 from compress.prune.latency_table import LatencyTable, SharedTable
-from compress.targets.registry import parse_targets
-from compress.training import distributed
 from compress.prune.outputs import PruneRun
+from compress.prune.unit_timing import Timing, measure_artifacts, network_artifact
+from compress.training import distributed
 from compress.training.default_model import resolve_model
 from compress.training.distributed import DistContext, launch_rank, launched_by_torchrun
 from compress.training.train import TrainConfig, evaluate, fit
-from eval.latency import measure_interleaved
 from recipes.loader import Recipe, load_recipe
 
 __all__ = ["prune", "holdout_split", "propose", "select", "DEFAULT_OUTPUT_DIR"]
@@ -121,23 +121,27 @@ def _finetune(model: MobileNetV3, source: DataSource, pool: np.ndarray, holdout:
 
 # -- proposals and selection ------------------------------------------------------------------------------
 
-def _candidates(spec: ArchSpec, group: ChannelGroup):
-    """(channels, spec) for every cut of ``group`` in steps of 8 that keeps the block structure."""
-    for k in range(group.channels - DIVISOR, DIVISOR - 1, -DIVISOR):
+def _candidates(spec: ArchSpec, group: ChannelGroup, step: int = DIVISOR):
+    """(channels, spec) for every cut of ``group`` to a multiple of ``step`` that keeps the block structure."""
+    for k in range((group.channels - 1) // step * step, DIVISOR - 1, -step):
         new = pruned_spec(spec, {group.name: k})
         if not structure_problems(spec, new):
             yield k, new
 
 
-def propose(spec: ArchSpec, table: LatencyTable, delta_ms: float) -> list[dict[str, Any]]:
+def candidate_specs(spec: ArchSpec, step: int = DIVISOR, depth: int = CANDIDATE_DEPTH) -> list[ArchSpec]:
+    """The first ``depth`` cuts of every group: what the first iteration predicts (and a device table holds)."""
+    return [s for g in channel_groups(spec) for _, s in list(_candidates(spec, g, step))[:depth]]
+
+
+def propose(spec: ArchSpec, table: LatencyTable, delta_ms: float, step: int = DIVISOR) -> list[dict[str, Any]]:
     """One proposal per group: the smallest cut whose predicted latency is at least ``delta_ms`` lower."""
     groups = channel_groups(spec)
-    first = [s for g in groups for _, s in list(_candidates(spec, g))[:CANDIDATE_DEPTH]]
-    table.measure(table.missing(first))  # time the likely units in one batch
+    table.measure(table.missing(candidate_specs(spec, step)))  # time the likely units in one batch
     base = table.predict(spec)
     out = []
     for g in groups:
-        for k, new in _candidates(spec, g):
+        for k, new in _candidates(spec, g, step):
             pred = table.predict(new)
             if base - pred >= delta_ms:
                 out.append({"group": g.name, "kind": g.kind, "channels": [g.channels, k], "spec": new,
@@ -162,16 +166,12 @@ def select(proposals: list[dict[str, Any]], rule: str, reference_top1: float) ->
 
 # -- the loop ---------------------------------------------------------------------------------------------
 
-def _onnx_bytes(model: MobileNetV3, size: tuple[int, int]) -> bytes:
-    return to_onnx(model, size).SerializeToString()
-
-
-def _measure_pair(seed_bytes: bytes, cur_bytes: bytes, threads: int, batch: int, ctx: DistContext
-                  ) -> tuple[dict[str, Any], dict[str, Any]]:
+def _measure_pair(seed_bytes: bytes, cur_bytes: bytes, threads: int, batch: int, ctx: DistContext,
+                  timing: Timing, size: tuple[int, int]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Seed and current network timed interleaved, on rank 0 alone; every rank gets the result."""
     def on_main() -> tuple[dict[str, Any], dict[str, Any]]:
-        r = measure_interleaved({"seed": seed_bytes, "current": cur_bytes}, threads=threads, batch=batch,
-                                rounds=MEASURE_ROUNDS, round_time_s=0.1)
+        r = measure_artifacts({"seed": seed_bytes, "current": cur_bytes}, timing, size, threads, batch,
+                              MEASURE_ROUNDS)
         return r["seed"], r["current"]
 
     return distributed.from_main(ctx, on_main)
@@ -185,16 +185,17 @@ def prune(recipe: Any = "netadapt", weights: str | os.PathLike | None = None, ar
           dataset: str | None = None, input_size: int | None = None,
           output_dir: str | os.PathLike | None = None, eval_limit: int | None = None,
           progress: bool = True, device: str = "auto", model_options: dict[str, Any] | None = None,
-          targets: str | None = None, **overrides: Any) -> dict[str, Any]:
+          target: str | None = None, latency_table: str | os.PathLike | None = None,
+          **overrides: Any) -> dict[str, Any]:
     """Run NetAdapt with ``recipe``'s ``[prune]`` section on a trained float model and write the outputs.
 
     ``weights=None`` uses the embedded default.  ``overrides`` replace ``[prune]`` keys (e.g.
     ``target_latency_ratio=0.8``, ``limit_train=N``); ``model_options`` (``width_mult``, ``minimalistic``,
     ``num_classes``, ``workers``, ``train_default``) go to :func:`compress.training.default_model.resolve_model`.
     ``eval_limit`` caps the final test-split evaluation (all when None).  ``device`` (auto / cpu / cuda; under
-    torchrun GPU ``LOCAL_RANK``) is where the fine-tunes run; latency is always onnxruntime on the CPU.
-    ``targets`` (``"ort-x86,openvino,..."``) are where a recipe's int8 step (``quantize_after``) deploys, as
-    :func:`compress.quant.pipeline.quantize`'s; a recipe without that step takes only ``ort-x86``.  Returns
+    torchrun GPU ``LOCAL_RANK``) is where the fine-tunes run; latency is measured on the CPU, in ``target``'s
+    runtime (default ``ort-x86``) and the recipe's ``latency_precision``; ``latency_table``: a table measured on
+    the device (:class:`compress.prune.latency_table.DeviceTable`) for a target whose CPU is not this one.  Returns
     the report (``report.json``'s content) plus ``output_dir``; under torchrun, ranks other than 0 return
     ``{"rank", "world_size", "output_dir"}`` after the final fine-tune, having written nothing.
     """
@@ -203,10 +204,11 @@ def prune(recipe: Any = "netadapt", weights: str | os.PathLike | None = None, ar
     if overrides:
         rec = rec.with_overrides("prune", **overrides)
     cfg = rec.prune
-    deploy_to = [t.name for t in parse_targets(targets)]  # a missing runtime fails now, not after the search
-    if len(deploy_to) > 1 and not cfg.quantize_after:
-        raise UserError(f"--target {','.join(deploy_to[1:])}: recipe {rec.name} has no int8 step to deploy "
-                        f"(quantize_after = false); use netadapt-int8")
+    timing = Timing(target or "ort-x86", cfg.latency_precision)
+    if latency_table is None:
+        timing.check()  # a missing runtime or a device-only target: one line, before any work
+    elif not Path(latency_table).is_file():
+        raise UserError(f"latency table not found: {latency_table}")
     if launched_by_torchrun() and cfg.quantize_after and rec.strategy == "qat":
         raise UserError("under torchrun, prune cannot run a QAT recipe after pruning (rank 0 would train alone): "
                         "prune first, then run 'quantize' under torchrun with --weights OUTPUT_DIR/model.pt")
@@ -225,12 +227,12 @@ def prune(recipe: Any = "netadapt", weights: str | os.PathLike | None = None, ar
             raise UserError("pruning needs labelled data for its fine-tunes: use fashion-mnist or imagefolder:PATH")
         with distributed.session(device) as ctx:
             search = _Search(rec, loaded.model.eval(), source, progress and ctx.is_main, ctx,
-                             finetune_settings(loaded.meta))
+                             finetune_settings(loaded.meta), timing, latency_table)
             search.run()
             final_history = search.final_finetune()
         if not ctx.is_main:  # the search is done: rank 0 writes, evaluates and measures
             return {"rank": ctx.rank, "world_size": ctx.world_size, "output_dir": str(out)}
-        run = PruneRun(rec, loaded, source, out, eval_limit, weights, progress, t_start, ",".join(deploy_to))
+        run = PruneRun(rec, loaded, source, out, eval_limit, weights, progress, t_start, timing)
         return run.finish(search, final_history)
     finally:
         torch.set_num_threads(old_threads)
@@ -240,9 +242,10 @@ class _Search:
     """NetAdapt's loop on one seed model: proposals, short fine-tunes, selection, measured latency."""
 
     def __init__(self, rec: Recipe, seed_model: MobileNetV3, source: DataSource, progress: bool,
-                 ctx: DistContext, settings: dict[str, Any]) -> None:
+                 ctx: DistContext, settings: dict[str, Any], timing: Timing, device_table=None) -> None:
         self.rec, self.cfg, self.seed_model, self.source, self.progress = rec, rec.prune, seed_model, source, progress
-        self.ctx, self.settings = ctx, settings
+        self.ctx, self.settings, self.timing = ctx, settings, timing
+        self.step = rec.prune.channel_step or timing.channel_step
         self.size = source.preprocess.input_size
         n_train = len(source.split("train", self.cfg.limit_train or None))
         self.holdout, self.pool = holdout_split(n_train, self.cfg.eval_images, self.cfg.seed)
@@ -250,10 +253,12 @@ class _Search:
         self.stop = "max_iterations"
         t = time.time()
         cfg = self.cfg
-        self.table = LatencyTable(self.size[0], cfg.threads, cfg.batch, progress=progress)
+        self.table = LatencyTable(self.size[0], cfg.threads, cfg.batch, progress=progress, timing=timing,
+                                  device_table=device_table)
+        self.measured_stop = self.table.device is None  # a device table: its prediction decides
         self.shared = SharedTable(self.table, ctx)  # what the search reads: rank 0's measurements
-        self.seed_bytes = _onnx_bytes(seed_model, self.size)
-        seed_lat, _ = _measure_pair(self.seed_bytes, self.seed_bytes, cfg.threads, cfg.batch, ctx)
+        self.seed_bytes = self.artifact(seed_model)
+        seed_lat, _ = self.measure_pair(self.seed_bytes)
         self.seed_pred = self.shared.predict(seed_model.spec)
         self.delta_ms = cfg.delta_ratio * self.seed_pred
         seed_acc = _finetune(seed_model, source, self.pool, self.holdout, 0, cfg.batch_size, cfg.lr, 0, cfg.seed,
@@ -265,8 +270,20 @@ class _Search:
                             "top1": seed_acc["top1"], "holdout_loss": seed_acc["loss"],
                             "params": count_params(seed_model), "seconds": round(self.timings["setup_s"], 1)}]
         if progress:
-            tqdm.write(f"seed: {seed_lat['median']:.4f} ms measured, {self.seed_pred:.4f} ms predicted "
-                       f"(delta {1000 * self.delta_ms:.2f} us), holdout top-1 {100 * seed_acc['top1']:.2f}%")
+            where = "measured" if self.measured_stop else "measured here (host proxy)"
+            tqdm.write(f"seed ({timing.key}, cuts of {self.step} channels): {seed_lat['median']:.4f} ms {where}, "
+                       f"{self.seed_pred:.4f} ms predicted (delta {1000 * self.delta_ms:.2f} us), holdout top-1 "
+                       f"{100 * seed_acc['top1']:.2f}%")
+
+    def artifact(self, model: MobileNetV3) -> bytes:
+        return network_artifact(model, self.size, self.timing, self.cfg.batch)
+
+    def measure_pair(self, current: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
+        return _measure_pair(self.seed_bytes, current, self.cfg.threads, self.cfg.batch, self.ctx, self.timing,
+                             self.size)
+
+    def reached(self, ratio: float, pred_ratio: float) -> bool:
+        return (max(ratio, pred_ratio) if self.measured_stop else pred_ratio) <= self.cfg.target_latency_ratio
 
     def run(self) -> None:
         """Iterate until the measured AND predicted latency reach the target (or nothing can be cut)."""
@@ -275,7 +292,7 @@ class _Search:
         ratio = pred_ratio = 1.0
         bar = tqdm(total=cfg.max_iterations, desc="netadapt", disable=not self.progress)
         for it in range(1, cfg.max_iterations + 1):
-            if max(ratio, pred_ratio) <= cfg.target_latency_ratio:
+            if self.reached(ratio, pred_ratio):
                 self.stop = "target met"
                 break
             step = self.iteration(it)
@@ -286,7 +303,7 @@ class _Search:
             bar.update(1)
             bar.set_postfix(ratio=f"{ratio:.3f}", top1=f"{100 * self.cur_acc['top1']:.2f}", group=step["proposal"])
         else:
-            if max(ratio, pred_ratio) <= cfg.target_latency_ratio:
+            if self.reached(ratio, pred_ratio):
                 self.stop = "target met"
         bar.close()
         self.timings["search_s"] = time.time() - t_search
@@ -294,7 +311,7 @@ class _Search:
     def iteration(self, it: int) -> dict[str, Any] | None:
         """One NetAdapt iteration: propose, fine-tune each proposal, keep one, measure it (None: no proposal)."""
         cfg, t_it = self.cfg, time.time()
-        proposals = propose(self.current.spec, self.shared, self.delta_ms)
+        proposals = propose(self.current.spec, self.shared, self.delta_ms, self.step)
         if not proposals:
             return None
         offset = (it - 1) * cfg.finetune_steps * cfg.batch_size * self.ctx.world_size
@@ -305,8 +322,7 @@ class _Search:
                                cfg.lr, offset, cfg.seed + it, self.ctx, self.settings))
         chosen = proposals[distributed.from_main(self.ctx, select, proposals, cfg.selection, self.cur_acc["top1"])]
         self.current, self.cur_acc = chosen["model"], {"top1": chosen["top1"], "loss": chosen["loss"]}
-        seed_lat_it, cur_lat = _measure_pair(self.seed_bytes, _onnx_bytes(self.current, self.size), cfg.threads,
-                                             cfg.batch, self.ctx)
+        seed_lat_it, cur_lat = self.measure_pair(self.artifact(self.current))
         ratio = cur_lat["median"] / seed_lat_it["median"]
         pred_ratio = chosen["predicted_ms"] / self.seed_pred
         step = {

@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 
 from compress.errors import UserError
-from compress.onnx.graph import conv_nodes, op_counts, producers_consumers
+from compress.onnx.graph import conv_nodes, op_counts, producers_consumers, quantized_tensor_name
 from compress.onnx.graph_passes import GATE_SCALE_SUFFIX
 from recipes.loader import QuantizeConfig
 
@@ -20,7 +20,9 @@ def check_covered(int8: onnx.ModelProto, given: set[str], quantized: Sequence[st
     """A QAT export quantizes exactly what the QAT model quantized: every activation QuantizeLinear uses a
     scale the QAT model gave (no calibration), and every tensor the QAT model quantized has a QuantizeLinear."""
     inits = {i.name for i in int8.graph.initializer}
-    q_inputs = {n.input[0] for n in int8.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits}
+    outputs = {o.name for o in int8.graph.output}
+    q_inputs = {quantized_tensor_name(n.input[0], outputs) for n in int8.graph.node
+                if n.op_type == "QuantizeLinear" and n.input[0] not in inits}
     missing = sorted(q_inputs - given)
     if missing:
         raise UserError(f"QAT export: onnxruntime quantizes {len(missing)} tensor(s) the QAT model has no fake "

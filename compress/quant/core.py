@@ -42,7 +42,7 @@ from compress.quant.checks import check_bias_range, check_covered
 from compress.quant.cpu import resolve_reduce_range
 from recipes.loader import CalibrationConfig, QuantizeConfig, Recipe
 
-__all__ = ["QuantizedGraph", "prepare_float", "calibrate", "quantize_prepared", "fixed_qparam_overrides",
+__all__ = ["QuantizedGraph", "range_dict", "prepare_float", "calibrate", "quantize_prepared", "fixed_qparam_overrides",
            "weight_scale_overrides", "low_bit_weight_overrides", "resolve_excluded_nodes", "holdout_logits",
            "quiet"]
 
@@ -107,6 +107,15 @@ def calibrate(prepared: str | os.PathLike, reader, cal: CalibrationConfig, workd
         del calibrator
     reader.rewind()
     return ranges
+
+
+def range_dict(ranges) -> dict[str, tuple[float, float]]:
+    """ORT ``TensorsData`` (what :func:`calibrate` returns) as ``{tensor: (low, high)}``."""
+    out = {}
+    for name, v in ranges.data.items():
+        lo, hi = v.range_value
+        out[name] = (float(np.asarray(lo).reshape(-1)[0]), float(np.asarray(hi).reshape(-1)[0]))
+    return out
 
 
 class _progress:
@@ -277,9 +286,12 @@ def quiet() -> Iterator[None]:
     import io
     import sys
 
+    import onnxruntime as ort
+
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)
+    ort.set_default_logger_severity(3)  # the sessions these tools open log graph clean-ups as warnings
     buf = io.StringIO()
     old = sys.stdout
     sys.stdout = buf
@@ -288,8 +300,6 @@ def quiet() -> Iterator[None]:
     finally:
         sys.stdout = old
         root.setLevel(level)
-
-
 
 
 def holdout_logits(model: onnx.ModelProto | bytes, holdout) -> tuple[np.ndarray, np.ndarray]:

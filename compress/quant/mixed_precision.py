@@ -19,7 +19,9 @@ the classifier's Linear); units hold at least one Conv or Gemm.  :func:`plan`:
    it costs;
 5. before trusting the latency pass it measures the plan against the all-int8 model (``measure_interleaved``,
    real latency, no profiler) and keeps the latency moves only when the plan is faster by more than the
-   measurement's round-to-round spread (both reported); returns the node names to exclude plus the plan
+   measurement's round-to-round spread (both reported).  With a deploy target (``quantize --recipe int8-mixed
+   --target openvino``) that check runs in the target's own runtime on its own artifacts (``measure``): the
+   per-unit candidates still come from onnxruntime's profiler, the verdict from the runtime that ships; returns the node names to exclude plus the plan
    (every unit's measured times, sensitivity, precision and the reason).
 
 Limits: profiler timing adds a few microseconds per kernel, so per-unit times are only meaningful when kernels
@@ -167,20 +169,22 @@ def _score(logits: np.ndarray, fp32_logits: np.ndarray, labels: np.ndarray | Non
 def plan(prepared: onnx.ModelProto, build: Callable[[Sequence[str]], onnx.ModelProto],
          predict: Callable[[onnx.ModelProto], np.ndarray], labels: np.ndarray | None,
          config: MixedPrecisionConfig, threads: int = 1, batch: int = 1, base_excluded: Sequence[str] = (),
-         min_sqnr_db: float = 20.0) -> MixedPlan:
+         min_sqnr_db: float = 20.0, measure: Callable | None = None) -> MixedPlan:
     """The latency-aware plan for the float graph ``prepared``.
 
     ``build(extra_excluded)`` returns the int8 model with those float-graph nodes kept in fp32 (the recipe's
     quantizer with its calibration); ``predict(model)`` returns its logits on the holdout; ``labels`` are the
     holdout labels (None for unlabeled data).  Latency is profiled at ``threads`` / ``batch``.  With
     ``sensitivity = "sqnr"`` the plan must reach ``min_sqnr_db`` of logit SQNR instead of a tolerable loss.
+    ``measure(all_int8, plan, plan_excluded)`` times the two int8 models interleaved and returns their latency
+    dicts and the runtime's name (default: onnxruntime on these graphs).
     """
     units = layer_units(prepared)
     base = set(base_excluded)
     units = {k: u for k, u in units.items() if not set(u.nodes) <= base}
     if not units:
         return MixedPlan([], {"enabled": True, "units": {}, "note": "no quantizable layers"})
-    p = _Planner(prepared, units, build, predict, labels, config, threads, batch, min_sqnr_db)
+    p = _Planner(prepared, units, build, predict, labels, config, threads, batch, min_sqnr_db, measure)
     p.latency_pass()
     p.accuracy_pass()
     return MixedPlan(p.excluded(p.chosen), p.report())
@@ -190,8 +194,9 @@ class _Planner:
     """The state of one plan: measured unit times, the transition model, the chosen fp32 units and the steps."""
 
     def __init__(self, prepared, units: dict[str, Unit], build, predict, labels, config: MixedPrecisionConfig,
-                 threads: int, batch: int, min_sqnr_db: float) -> None:
+                 threads: int, batch: int, min_sqnr_db: float, measure: Callable | None = None) -> None:
         self.prepared, self.units, self.build, self.predict, self.labels = prepared, units, build, predict, labels
+        self.measure = measure or self._measure_ort
         self.config, self.threads, self.batch, self.min_sqnr_db = config, threads, batch, min_sqnr_db
         self.n_convs = sum(n.op_type in _WEIGHTED for n in prepared.graph.node)
         self.max_convs = int(config.max_fp32_fraction * self.n_convs + 1e-9)
@@ -210,6 +215,13 @@ class _Planner:
         self.sensitivity: dict[str, float] = {}
         self.score = self.ref = float("nan")
 
+    def _measure_ort(self, all_int8, candidate, excluded) -> tuple[dict[str, Any], dict[str, Any], str]:
+        from eval.latency import measure_interleaved
+
+        lat = measure_interleaved({"int8_all": all_int8, "plan": candidate}, threads=self.threads,
+                                  batch=self.batch, rounds=5, round_time_s=0.1)
+        return lat["int8_all"], lat["plan"], "ort-x86"
+
     def profile(self, model) -> dict[str, Any]:
         return profile_onnx(model, threads=self.threads, batch=self.batch, runs=self.config.profile_runs, warmup=5)
 
@@ -227,12 +239,9 @@ class _Planner:
                                                       self.max_convs)
         if not self.chosen:
             return
-        from eval.latency import measure_interleaved
-
         candidate = self.build(self.excluded(self.chosen))
-        lat = measure_interleaved({"int8_all": self.all_int8, "plan": candidate}, threads=self.threads,
-                                  batch=self.batch, rounds=5, round_time_s=0.1)
-        self.latency_check = measured_gain(lat["int8_all"], lat["plan"])
+        lat_all, lat_plan, runtime = self.measure(self.all_int8, candidate, self.excluded(self.chosen))
+        self.latency_check = {**measured_gain(lat_all, lat_plan), "measured_on": runtime}
         if self.latency_check["kept"]:
             self.prof_plan = self.profile(candidate)
         else:
@@ -328,7 +337,8 @@ def _transition_rate(prof_int8: dict[str, Any], int8: onnx.ModelProto, prepared:
 
 
 def plan_for_recipe(prepared_path: str | os.PathLike, ranges, recipe, source, workdir: str | os.PathLike,
-                    cpu: dict[str, Any] | None = None, threads: int = 1, batch: int = 1) -> MixedPlan:
+                    cpu: dict[str, Any] | None = None, threads: int = 1, batch: int = 1,
+                    measure: Callable | None = None) -> MixedPlan:
     """:func:`plan` with the recipe's quantizer and calibration ``ranges``, on ``recipe.mixed_precision.eval_size``
     TRAIN images disjoint from the calibration images (:class:`calibration.subsets.Holdout`; fewer when the
     split has fewer to spare)."""
@@ -355,7 +365,8 @@ def plan_for_recipe(prepared_path: str | os.PathLike, ranges, recipe, source, wo
     labels = holdout_logits(prepared, holdout)[1] if source.has_labels else None
     excluded = set(resolve_excluded_nodes(prepared, recipe.quantize.nodes_to_exclude, recipe.quantize.quantize_head))
     base = [n.name for n in prepared.graph.node if n.name in excluded]
-    result = plan(prepared, build, predict, labels, cfg, threads=threads, batch=batch, base_excluded=base)
+    result = plan(prepared, build, predict, labels, cfg, threads=threads, batch=batch, base_excluded=base,
+                  measure=measure)
     result.report["holdout"] = holdout.describe()
     return result
 

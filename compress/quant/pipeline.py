@@ -35,10 +35,10 @@ from compress.io import ensure_dir, write_bytes, write_text
 from compress.onnx.export import export_onnx
 from compress.onnx.metadata import get_metadata, set_metadata
 from compress.quant.checks import int8_checks
-from compress.quant.core import QuantizedGraph, calibrate, prepare_float, quantize_prepared
+from compress.quant.core import QuantizedGraph, calibrate, prepare_float, quantize_prepared, range_dict
 from compress.quant.cpu import cpu_int8_info, resolve_reduce_range
-from compress.targets.registry import parse_targets
 from compress.targets.deploy import Deployment, deploy
+from compress.targets.registry import parse_targets
 from compress.training import distributed
 from compress.training.default_model import resolve_model
 from compress.training.distributed import DistContext, choose_device, launch_rank, launched_by_torchrun
@@ -67,6 +67,8 @@ class Setup:
     threads: int
     progress: bool
     trained: Any = None  # what the strategy's training phase (TRAINERS) handed over: QAT's QATResult
+    fp32: Any = None  # the float model's ONNX export (what the deploy targets build from)
+    targets: list = field(default_factory=list)  # the deploy targets asked for (ort-x86 first)
 
 
 @dataclass
@@ -97,7 +99,10 @@ def _mixed_precision(s: Setup) -> Outcome:
     from compress.quant.mixed_precision import plan_for_recipe, render_plan
 
     ranges = calibrate(s.prepared_path, s.reader, s.recipe.calibration, s.workdir, progress=s.progress)
-    mixed = plan_for_recipe(s.prepared_path, ranges, s.recipe, s.source, s.workdir, cpu=s.cpu, threads=s.threads)
+    named = [t for t in s.targets[1:] if t.measurable_here]  # the plan must pay off where it ships
+    measure = _target_measure(named[0], s, ranges) if named else None
+    mixed = plan_for_recipe(s.prepared_path, ranges, s.recipe, s.source, s.workdir, cpu=s.cpu, threads=s.threads,
+                            measure=measure)
     graph = quantize_prepared(s.prepared_path, ranges, s.recipe, s.workdir, cpu=s.cpu,
                               extra_excluded=mixed.nodes_to_exclude)
     return Outcome(graph, s.recipe.calibration.method, sections={"mixed_precision": mixed.report},
@@ -223,15 +228,16 @@ def quantize(recipe: str | os.PathLike | Recipe = "int8", weights: str | os.Path
              **model_options: Any) -> dict[str, Any]:
     """Apply ``recipe`` to a float model and write the deployable int8 model with its evidence.
 
-    ``weights=None`` uses the embedded default (MobileNetV3-Small trained on Fashion-MNIST).  Writes
+    ``weights=None`` uses the embedded default (:mod:`compress.models.default`).  Writes
     ``model_fp32.onnx``, ``model_int8.onnx``, ``recipe.toml`` (the resolved recipe), ``report.json`` and
     ``report.md`` into ``output_dir`` - each atomically, the report last.  Accuracy is measured on the first
     ``eval_limit`` test images (all when None); latency with ``threads`` threads at batch 1, both variants
     interleaved in one measurement.  ``device`` (auto / cpu / cuda) is where a QAT recipe trains (under
     torchrun: GPU ``LOCAL_RANK``); export and evaluation run on the CPU.  ``limit_train`` trains QAT on the first
     N train images.  ``targets`` (``"ort-x86,openvino,..."``, :mod:`compress.targets`) also writes and measures
-    each target's artifact from the same scales (``scales.json``).  ``model_options`` (``width_mult``, ``minimalistic``, ``num_classes``, ``workers``,
-    ``train_default``, ``random_init``) go to :func:`compress.training.default_model.resolve_model`.  Returns the
+    each target's artifact from the same scales (``scales.json``).  ``model_options`` (``width_mult``,
+    ``minimalistic``, ``num_classes``, ``workers``, ``train_default``, ``random_init``) go to
+    :func:`compress.training.default_model.resolve_model`.  Returns the
     report (``report.json``'s content); under torchrun, ranks other than 0 return ``{"rank", "world_size",
     "output_dir"}`` once training is done, having written nothing.
     """
@@ -243,36 +249,25 @@ def quantize(recipe: str | os.PathLike | Recipe = "int8", weights: str | os.Path
     trainer = TRAINERS.get(rec.strategy)
     if rank != 0 and trainer is None:  # nothing to share: rank 0 runs this recipe alone
         return {"rank": rank, "world_size": world_size, "output_dir": str(output_dir)}
-    if launched_by_torchrun() and model_options.get("train_default"):
-        raise UserError("--train-default does not run under torchrun (every process would train it): train the "
-                        "default once without torchrun, then launch with --weights")
+    _check_launch(model_options)
     out = ensure_dir(output_dir) if rank == 0 else Path(output_dir)
     loaded, source = resolve_model(weights, arch, dataset=dataset, input_size=input_size,
                                    progress=progress and rank == 0, **model_options)
     size = source.preprocess.input_size
     timings: dict[str, float] = {}
-    trained = None
-    if trainer is not None:
-        t = time.time()
-        with distributed.session(device) as ctx:
-            trained = trainer(rec, loaded.model, source, out, progress and ctx.is_main, ctx)
-        timings[f"{rec.strategy}_train_s"] = time.time() - t
-        if not ctx.is_main:  # training is done: rank 0 exports, evaluates and writes
-            return {"rank": ctx.rank, "world_size": ctx.world_size, "output_dir": str(out)}
+    trained, ctx = _train(trainer, rec, loaded.model, source, out, progress, device, timings)
+    if ctx is not None and not ctx.is_main:  # training is done: rank 0 exports, evaluates and writes
+        return {"rank": ctx.rank, "world_size": ctx.world_size, "output_dir": str(out)}
     with tempfile.TemporaryDirectory(prefix="mnv3-quantize.") as wd:
         t = time.time()
-        fp32_path = Path(wd) / "model_fp32.onnx"
-        export_onnx(loaded.model, fp32_path, source.preprocess, recipe="fp32",
-                    extra_meta={"dataset": source.name, "weights": str(weights) if weights else "default"})
-        fp32 = onnx.load(str(fp32_path))
-        prepared_path = prepare_float(fp32, rec.quantize, wd)
+        fp32_path, fp32, prepared_path = _export(loaded.model, source, weights, rec, Path(wd))
         timings["export_s"] = time.time() - t
 
         t = time.time()
         reader = TrainSplitReader(source, rec.calibration.size, rec.calibration.batch_size, rec.calibration.seed,
                                   progress=progress)
         setup = Setup(rec, loaded.model, source, prepared_path, reader, wd, out, cpu_int8_info(), threads, progress,
-                      trained)
+                      trained, fp32, deploy_to)
         outcome = STRATEGIES[rec.strategy](setup)
         timings.update(outcome.timings)
         timings["quantize_s"] = time.time() - t + timings.get(f"{rec.strategy}_train_s", 0.0)
@@ -295,36 +290,19 @@ def quantize(recipe: str | os.PathLike | Recipe = "int8", weights: str | os.Path
             timings["targets_s"] = time.time() - t
 
     variants = _write_models(out, rec, models, evals, outcome)
+    ref_top1, q_top1 = evals["fp32"]["accuracy"]["top1"], evals["int8"]["accuracy"]["top1"]
+    calibration = _calibration_section(reader, outcome, rec)
     extra = {
         **run_header("quantize", rec, loaded.spec, weights, loaded.source, size, source.identity),
-        "evaluation": _evaluation(source, eval_limit, evals), "calibration": _calibration(reader, outcome, rec),
-        "quantization": facts, "checks": checks, "cpu": setup.cpu,
+        "evaluation": {"split": "test", "images": eval_limit or len(source.split("test")),
+                       "top1_drop_pt": None if ref_top1 is None or q_top1 is None
+                       else round(100 * (ref_top1 - q_top1), 3)},
+        "calibration": calibration, "quantization": facts, "checks": checks, "cpu": setup.cpu,
         "tuning": outcome.sections.get("tuning"), "qat": qat_report,
         "mixed_precision": outcome.sections.get("mixed_precision"),
         "timings_s": {k: round(v, 2) for k, v in timings.items()} | {"total": round(time.time() - t_start, 2)},
     }
-    return _write_report(out, variants, extra, deployed)
-
-
-def _evaluation(source, eval_limit: int | None, evals: dict[str, dict]) -> dict[str, Any]:
-    ref_top1, q_top1 = evals["fp32"]["accuracy"]["top1"], evals["int8"]["accuracy"]["top1"]
-    return {"split": "test", "images": eval_limit or len(source.split("test")),
-            "top1_drop_pt": None if ref_top1 is None or q_top1 is None else round(100 * (ref_top1 - q_top1), 3)}
-
-
-def _calibration(reader: TrainSplitReader, outcome: Outcome, rec: Recipe) -> dict[str, Any] | None:
-    if outcome.calibration_used_by:
-        return {**reader.describe(), "method": rec.calibration.method, "used_by": outcome.calibration_used_by}
-    if outcome.finish is not None:
-        return None  # QAT without a baseline: nothing was calibrated
-    return {**reader.describe(), "method": outcome.calibration_method}
-
-
-def _write_report(out: Path, variants: list[dict[str, Any]], extra: dict[str, Any], deployed: dict[str, Any] | None
-                  ) -> dict[str, Any]:
-    """report.json / report.md: the variants (each other target's artifact as one more), QAT's and the targets'
-    sections; returns the report with ``output_dir``."""
-    notes = list(_qat_notes(extra["qat"])) if extra["qat"] else []
+    notes = list(_qat_notes(qat_report)) if qat_report else []
     if deployed is not None:
         extra["targets"] = {"table": deployed["table"], "results": deployed["results"]}
         variants += [_target_variant(r) for r in deployed["results"][1:]]
@@ -332,6 +310,65 @@ def _write_report(out: Path, variants: list[dict[str, Any]], extra: dict[str, An
     variants[1]["target"] = "ort-x86"
     write_run_report(out, variants, extra, notes=notes)
     return {"variants": variants, **extra, "output_dir": str(out)}
+
+
+def _target_measure(target, s: Setup, ranges) -> Callable:
+    """int8-mixed's acceptance check in ``target``'s runtime: the all-int8 graph and the plan, each as the
+    target's artifact (built from its own scale table, the plan's fp32 nodes excluded), timed interleaved."""
+    from compress.targets.base import BuildInputs
+    from compress.targets.table import ScaleTable
+    from eval.latency import interleave
+
+    def measure(all_int8, candidate, excluded) -> tuple[dict[str, Any], dict[str, Any], str]:
+        batch = target.fixed_batch or 1
+        x = np.zeros((batch, 3, *s.source.preprocess.input_size), np.float32)
+        calls = {}
+        for key, model, fp32_nodes in (("int8_all", all_int8, []), ("plan", candidate, list(excluded))):
+            table = ScaleTable.from_int8(model, s.fp32, range_dict(ranges), fp32_nodes)
+            wd = Path(s.workdir) / f"mixed-{target.name}-{key}"
+            wd.mkdir(parents=True, exist_ok=True)
+            artifact = target.build(BuildInputs(s.model, s.fp32, table, s.recipe, s.source.preprocess.input_size,
+                                                wd, [x]))
+            calls[key] = (lambda run: lambda: run(x))(target.runner(artifact, s.threads))
+        lat = interleave(calls, threads=s.threads, batch=batch, rounds=5, round_time_s=0.1)
+        return lat["int8_all"], lat["plan"], target.name
+
+    return measure
+
+
+def _check_launch(model_options: dict[str, Any]) -> None:
+    if launched_by_torchrun() and model_options.get("train_default"):
+        raise UserError("--train-default does not run under torchrun (every process would train it): train the "
+                        "default once without torchrun, then launch with --weights")
+
+
+def _train(trainer, rec: Recipe, model, source, out: Path, progress: bool, device: str, timings: dict[str, float]):
+    """The recipe's training (QAT), as DDP under torchrun: (what it returns, the process context), or (None,
+    None) for recipes that do not train."""
+    if trainer is None:
+        return None, None
+    t = time.time()
+    with distributed.session(device) as ctx:
+        trained = trainer(rec, model, source, out, progress and ctx.is_main, ctx)
+    timings[f"{rec.strategy}_train_s"] = time.time() - t
+    return trained, ctx
+
+
+def _export(model, source, weights, rec: Recipe, wd: Path) -> tuple[Path, onnx.ModelProto, Path]:
+    """The float model's ONNX (path and proto) and the prepared graph calibration and quantization read."""
+    fp32_path = wd / "model_fp32.onnx"
+    export_onnx(model, fp32_path, source.preprocess, recipe="fp32",
+                extra_meta={"dataset": source.name, "weights": str(weights) if weights else "default"})
+    fp32 = onnx.load(str(fp32_path))
+    return fp32_path, fp32, prepare_float(fp32, rec.quantize, wd)
+
+
+def _calibration_section(reader, outcome: Outcome, rec: Recipe) -> dict[str, Any] | None:
+    if outcome.calibration_used_by:
+        return {**reader.describe(), "method": rec.calibration.method, "used_by": outcome.calibration_used_by}
+    if outcome.finish is not None:
+        return None  # QAT without a baseline: nothing was calibrated
+    return {**reader.describe(), "method": outcome.calibration_method}
 
 
 def _deployment(s: Setup, outcome: Outcome, models: dict[str, bytes], fp32: onnx.ModelProto, model, eval_limit,
@@ -352,16 +389,8 @@ def _deployment(s: Setup, outcome: Outcome, models: dict[str, bytes], fp32: onnx
         batches.append(item["input"])
     s.reader.rewind()
     return Deployment(s.recipe, outcome.graph, models["int8"], models["fp32"], outcome.float_model or model,
-                      outcome.float_onnx or fp32, _range_dict(ranges), s.source, batches, Path(s.workdir), s.out,
+                      outcome.float_onnx or fp32, range_dict(ranges), s.source, batches, Path(s.workdir), s.out,
                       eval_limit, s.threads, latency, s.progress, "qat" if outcome.finish else "calibration")
-
-
-def _range_dict(ranges) -> dict[str, tuple[float, float]]:
-    out = {}
-    for name, v in ranges.data.items():
-        lo, hi = v.range_value
-        out[name] = (float(np.asarray(lo).reshape(-1)[0]), float(np.asarray(hi).reshape(-1)[0]))
-    return out
 
 
 def _target_variant(r: dict[str, Any]) -> dict[str, Any]:

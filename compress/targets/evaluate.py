@@ -97,9 +97,10 @@ def render_targets(results: list[dict[str, Any]], float_top1: float | None) -> l
         lat_text = r.get("latency_note", "–") if not lat else f"{lat['median']:.3f}"
         speed = "–" if not lat else f"{r['speedup_vs_runtime_fp32']:.2f}×"
         dev_text = "–" if dev is None else f"{dev:.1e} rel"
+        notes = r["notes"] + (f"; {r['extras']['summary']}" if (r.get("extras") or {}).get("summary") else "")
         lines.append(f"| {r['target']} | `{r['file']}` | {r['size_bytes'] / 2**20:.2f} MiB | {top1_text} | {delta} | "
                      f"{100 * r['agreement_with_ort_x86_int8']:.2f} % | {lat_text} | {fp32_text} | {speed} | "
-                     f"{dev_text} | {r['notes']} |")
+                     f"{dev_text} | {notes} |")
     return lines
 
 

@@ -10,7 +10,8 @@ from compress.targets.ort import OrtArm64, OrtX86
 
 __all__ = ["TARGETS", "parse_targets", "DEFAULT_TARGET"]
 
-TARGETS: dict[str, Target] = {t.name: t for t in (OrtX86(), OrtArm64(), OpenVINO(), ExecuTorch(), LiteRT())}
+TARGETS: dict[str, Target] = {t.name: t for t in (OrtX86(), OrtArm64(), OpenVINO(), ExecuTorch(), LiteRT(),
+                                                 LiteRT(int8_io=True))}
 DEFAULT_TARGET = "ort-x86"
 
 

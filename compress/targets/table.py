@@ -31,7 +31,7 @@ import onnx
 from onnx import numpy_helper
 
 from compress.errors import UserError
-from compress.onnx.graph import producers_consumers, weight_channel_axis
+from compress.onnx.graph import producers_consumers, quantized_tensor_name, weight_channel_axis
 
 __all__ = ["ScaleTable", "TABLE_FORMAT", "compare_scales", "table_qat_params"]
 
@@ -58,11 +58,13 @@ class ScaleTable:
         inits = {i.name: i for i in int8.graph.initializer}
         producer, _ = producers_consumers(int8.graph)
         acts: dict[str, tuple[float, int]] = {}
+        outputs = {o.name for o in int8.graph.output}
         for n in int8.graph.node:
             if n.op_type == "QuantizeLinear" and n.input[0] not in inits:
                 scale = float(numpy_helper.to_array(inits[n.input[1]]))
                 zp = numpy_helper.to_array(inits[n.input[2]])
-                acts[n.input[0]] = (scale, int(zp) + (128 if zp.dtype == np.int8 else 0))
+                zp_u8 = int(zp) + (128 if zp.dtype == np.int8 else 0)
+                acts[quantized_tensor_name(n.input[0], outputs)] = (scale, zp_u8)
         channels = ({n.name: _out_channels(n, fp32) for n in fp32.graph.node if n.op_type in ("Conv", "Gemm")}
                     if fp32 is not None else None)
         weights = {}

@@ -22,7 +22,7 @@ from compress.prune.latency_table import LatencyTable
 
 DUMP = Path(sys.argv[1])
 _timings = {"count": 0}
-_measure = eval.latency.measure_interleaved
+_measure = eval.latency.interleave
 
 
 def _counted(*args, **kwargs):
@@ -52,8 +52,8 @@ if __name__ == "__main__":
 
     na.CANDIDATE_DEPTH, na.MEASURE_ROUNDS, outputs.FINAL_ROUNDS = 2, 2, 2
     na.LatencyTable = _QuickTable
-    na.measure_interleaved = _counted  # the whole-network measurements of the search
-    outputs.measure_interleaved = _counted  # and the final one
-    eval.latency.measure_interleaved = _counted  # the latency table's (imported where it measures)
+    # every latency measurement of prune (the table's units, the search's networks, the final one) goes through
+    # eval.latency.interleave, imported where it measures
+    eval.latency.interleave = _counted
     na._Search.final_finetune = _probed_final
     cli.main(sys.argv[2:], prog_name="mnv3-compress")

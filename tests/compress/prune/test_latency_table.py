@@ -19,6 +19,7 @@ from compress.prune.latency_table import (
     unit_module,
     unit_onnx,
 )
+from compress.prune.unit_timing import Timing
 
 
 def test_units_cover_the_network_with_their_input_sides():
@@ -58,9 +59,11 @@ def test_unit_graph_computes_what_its_module_computes(index):
 def test_table_path_is_keyed_by_settings(tmp_path):
     a = table_path(32, 1, 1, home=tmp_path)
     assert a.parent == tmp_path / "latency"
-    assert "ort" + ort.__version__ in a.name
-    assert len({a, table_path(32, 2, 1, home=tmp_path), table_path(32, 1, 8, home=tmp_path),
-                table_path(64, 1, 1, home=tmp_path)}) == 4
+    assert "onnxruntime" + ort.__version__ in a.name and a.name.startswith("ort-x86-fp32_")
+    int8 = table_path(32, 1, 1, home=tmp_path, timing=Timing("ort-x86", "int8"))
+    assert int8.name.startswith("ort-x86-int8_")
+    assert len({a, int8, table_path(32, 2, 1, home=tmp_path), table_path(32, 1, 8, home=tmp_path),
+                table_path(64, 1, 1, home=tmp_path)}) == 5
 
 
 def test_prediction_is_cached_and_reused(tmp_path):

@@ -168,21 +168,15 @@ def test_netadapt_int8_quantizes_the_pruned_network(tmp_path, monkeypatch):
                  target_latency_ratio=0.95, finetune_steps=1, batch_size=16, eval_images=100,
                  final_finetune_epochs=0, max_iterations=1)
     out = tmp_path / "out"
-    assert [v["name"] for v in r["variants"]] == ["fp32", "netadapt-fp32", "netadapt-int8"]
+    assert [v["name"] for v in r["variants"]] == ["fp32", "netadapt-fp32", "int8", "netadapt-int8"]
     assert (out / "int8" / "model_int8.onnx").is_file() and (out / "int8" / "report.json").is_file()
     int8 = json.loads((out / "int8" / "report.json").read_text())
-    # the int8 recipe ran on the pruned network, not on the unpruned one
+    ref = json.loads((out / "int8-reference" / "report.json").read_text())
+    # the int8 recipe ran on the pruned network, and on the unpruned one for the baseline
     assert int8["variants"][0]["params"] == r["summary"]["params_pruned"]
+    assert ref["variants"][0]["params"] == r["summary"]["params_reference"]
     assert all(v["latency_ms"]["median"] > 0 for v in r["variants"])
-
-
-def test_other_targets_need_an_int8_step(tmp_path):
-    """--target beyond ort-x86 deploys netadapt-int8's int8 model; a recipe without that step refuses it at once
-    (before any model is loaded or searched)."""
-    from compress.errors import UserError
-    from compress.prune.netadapt import prune
-
-    with pytest.raises(UserError, match="no int8 step"):
-        prune("netadapt", weights=str(tmp_path / "missing.pt"), output_dir=tmp_path / "out", targets="ort-x86,ort-arm64")
-    with pytest.raises(UserError, match="unknown target"):
-        prune("netadapt-int8", weights=str(tmp_path / "missing.pt"), output_dir=tmp_path / "out", targets="tpu")
+    s = r["summary"]
+    assert s["int8_speedup"] == pytest.approx(r["variants"][2]["latency_ms"]["median"]
+                                              / r["variants"][3]["latency_ms"]["median"], rel=1e-3)
+    assert r["latency_table"]["timing"] == "ort-x86-int8" and r["latency_table"]["channel_step"] == 16

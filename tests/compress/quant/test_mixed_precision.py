@@ -271,7 +271,7 @@ def test_recipe_exclusions_are_resolved_once(fp32, tmp_path, monkeypatch):
     real = mp.resolve_excluded_nodes
     monkeypatch.setattr(mp, "resolve_excluded_nodes", lambda *a, **k: calls.append(1) or real(*a, **k))
 
-    def fake_plan(prepared, build, predict, labels, cfg, threads=1, batch=1, base_excluded=()):
+    def fake_plan(prepared, build, predict, labels, cfg, threads=1, batch=1, base_excluded=(), measure=None):
         seen["base"] = list(base_excluded)
         return mp.MixedPlan([], {})
 

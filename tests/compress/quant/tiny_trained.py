@@ -14,8 +14,9 @@ CLASSES = (1, 8)  # Trouser, Bag
 SIZE = 32
 
 
-def train_tiny(source, steps: int = 20, batch: int = 64, width_mult: float = 1.0) -> torch.nn.Module:
-    from compress.models.mobilenetv3 import mobilenet_v3_small
+def train_tiny(source, steps: int = 20, batch: int = 64, width_mult: float = 1.0, spec=None) -> torch.nn.Module:
+    """``spec``: an ArchSpec to train instead of MobileNetV3-Small at ``width_mult``."""
+    from compress.models.mobilenetv3 import build_model, mobilenet_v3_small
 
     torch.manual_seed(0)
     threads = torch.get_num_threads()
@@ -23,7 +24,8 @@ def train_tiny(source, steps: int = 20, batch: int = 64, width_mult: float = 1.0
     images, labels = load_fashion_mnist(FASHION_MNIST_DIR, "train")
     sel = np.flatnonzero(np.isin(labels, CLASSES))[:steps * batch]
     x, y = source.preprocess(torch.from_numpy(images[sel])), torch.from_numpy(labels[sel])
-    model = mobilenet_v3_small(width_mult, num_classes=10, dropout=0.0).train()
+    model = build_model(spec) if spec is not None else mobilenet_v3_small(width_mult, num_classes=10, dropout=0.0)
+    model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-2, total_steps=steps, pct_start=0.3)
     for k in range(steps):
