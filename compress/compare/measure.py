@@ -38,6 +38,7 @@ __all__ = ["collect", "measure_latencies", "latency_key", "expected_latency_s", 
 ROUNDS = 10  # interleaved rounds of each runtime's measurement
 ROUND_TIME_S = 0.2  # about this long per variant and round
 CACHE_FILE = "measurements.json"
+ARTIFACTS_INDEX = "artifacts/index.json"  # other runtimes' float artifacts: what each was built from
 CACHE_FORMAT = 1
 
 
@@ -83,21 +84,48 @@ def _dedupe(rows: list[dict[str, Any]], out: Path) -> tuple[list[dict[str, Any]]
     return list(kept.values()), sorted(set(notes))
 
 
-def _other_runtime_floats(rows: list[dict[str, Any]], targets: Sequence[Target], out: Path, size: tuple[int, int]
-                          ) -> list[dict[str, Any]]:
+def _torch_float(row: dict[str, Any], out: Path, start_model):
+    """The torch network of a float row: the start model, or the pruned checkpoint beside its sub-run's report
+    (ExecuTorch and LiteRT build from torch, OpenVINO from the ONNX file)."""
+    if row["is_float_reference"]:
+        return start_model
+    from compress.models.checkpoint import load_model
+
+    checkpoint = out / Path(row["source"]["report"]).parent / "model.pt"
+    return load_model(checkpoint).model.eval() if checkpoint.is_file() else None
+
+
+def _other_runtime_floats(rows: list[dict[str, Any]], targets: Sequence[Target], out: Path, size: tuple[int, int],
+                          start_model=None) -> list[dict[str, Any]]:
     """The float networks in the form of each other runtime that has variants here and runs on this CPU."""
     floats = [r for r in rows if r["runtime"] == "ort-x86" and r["precision"] == "fp32"]
+    models: dict[str, Any] = {}
+    index_path = out / ARTIFACTS_INDEX
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError):
+        index = {}
     made = []
     for t in targets:
         if t.name == "ort-x86" or not t.measurable_here or not any(r["runtime"] == t.name for r in rows):
             continue
         for f in floats:
-            inputs = BuildInputs(None, onnx.load(str(out / f["file"])), None, None, size, out / "artifacts")
-            built = t.build_fp32(inputs)
+            key = f"{t.name}/{f['name']}"
+            source = _float_source_digest(f, out)
+            built = _reuse_built(index.get(key), source, out)
+            if built is None:
+                if f["name"] not in models:
+                    models[f["name"]] = _torch_float(f, out, start_model)
+                inputs = BuildInputs(models[f["name"]], onnx.load(str(out / f["file"])), None, None, size,
+                                     out / "artifacts")
+                built = t.build_fp32(inputs)
+                index[key] = {"source": source, "files": {
+                    v: {"file": str(Path("artifacts") / t.name / _float_file(f, v, t)),
+                        "sha256": hashlib.sha256(d).hexdigest()} for v, d in built.items()}}
             for variant, data in built.items():
                 if variant != "fp32" and not f["is_float_reference"]:
                     continue  # another precision of the float start model only (OpenVINO: bf16, its default)
-                file = Path("artifacts") / t.name / f"{f['name']}{t.suffix}"
+                file = Path("artifacts") / t.name / _float_file(f, variant, t)
                 if not (out / file).is_file() or (out / file).read_bytes() != data:
                     write_bytes(out / file, data)
                 made.append({**f, "name": f["name"] if variant == "fp32" else f"{f['name']} ({variant})",
@@ -105,7 +133,40 @@ def _other_runtime_floats(rows: list[dict[str, Any]], targets: Sequence[Target],
                              "accuracy": None, "agreement": None, "evaluated_on": None, "size_bytes": len(data),
                              "sha256": hashlib.sha256(data).hexdigest(), "same_as": [],
                              "source": {"built_from": f["file"], "by": f"{t.name} build_fp32 ({variant})"}})
+    if made:
+        write_json(index_path, index)
     return made
+
+
+def _float_file(row: dict[str, Any], variant: str, t: Target) -> str:
+    """One file per float network and runtime (OpenVINO's bf16 is the same file run with another hint)."""
+    return f"{row['name']}{t.suffix}"
+
+
+def _float_source_digest(row: dict[str, Any], out: Path) -> str:
+    """What another runtime's float artifact is built from: the float ONNX file and, for a pruned network, its
+    checkpoint (the start model is fixed by the comparison's request)."""
+    h = hashlib.sha256((out / row["file"]).read_bytes())
+    checkpoint = out / Path(row["source"]["report"]).parent / "model.pt"
+    if not row["is_float_reference"] and checkpoint.is_file():
+        h.update(checkpoint.read_bytes())
+    return h.hexdigest()
+
+
+def _reuse_built(entry: dict[str, Any] | None, source: str, out: Path) -> dict[str, bytes] | None:
+    """The artifacts an earlier compare built from the same source, if every file is still as it wrote it."""
+    if not entry or entry.get("source") != source:
+        return None
+    built = {}
+    for variant, f in entry.get("files", {}).items():
+        p = out / f["file"]
+        if not p.is_file():
+            return None
+        data = p.read_bytes()
+        if hashlib.sha256(data).hexdigest() != f["sha256"]:
+            return None
+        built[variant] = data
+    return built or None
 
 
 def _model_facts(row: dict[str, Any], out: Path) -> None:
@@ -117,11 +178,12 @@ def _model_facts(row: dict[str, Any], out: Path) -> None:
         row["size_bytes"] = (out / row["file"]).stat().st_size
 
 
-def collect(rows: list[dict[str, Any]], targets: Sequence[Target], out: Path, size: tuple[int, int]
-            ) -> tuple[list[dict[str, Any]], list[str]]:
-    """Distinct rows (see the module docstring) in table order: by runtime (the targets' order), float first."""
+def collect(rows: list[dict[str, Any]], targets: Sequence[Target], out: Path, size: tuple[int, int],
+            start_model=None) -> tuple[list[dict[str, Any]], list[str]]:
+    """Distinct rows (see the module docstring) in table order: by runtime (the targets' order), float first.
+    ``start_model``: the float torch model every recipe started from (other runtimes' floats are built from it)."""
     rows, notes = _dedupe(rows, out)
-    rows += _other_runtime_floats(rows, targets, out, size)
+    rows += _other_runtime_floats(rows, targets, out, size, start_model)
     for r in rows:
         _model_facts(r, out)
         r.setdefault("sha256", hashlib.sha256((out / r["file"]).read_bytes()).hexdigest())

@@ -182,7 +182,7 @@ def _measure_and_report(subs: Sequence[SubRun], plan: Plan, deploy_to: Sequence[
     for s in subs:
         found, reports[s.name] = variants_of(s, out)
         rows += found
-    rows, notes = measure.collect(rows, deploy_to, out, source.preprocess.input_size)
+    rows, notes = measure.collect(rows, deploy_to, out, source.preprocess.input_size, loaded.model.eval())
     prog.done("variants", f"{len(rows)} variants of {len({r['runtime'] for r in rows})} runtime(s)", t)
     cache = measure.Cache(out)
     for target in deploy_to:  # now that the artifacts are known: 0 for a runtime whose measurement still holds

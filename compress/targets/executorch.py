@@ -185,6 +185,30 @@ class ExecuTorch(Target):
         model = copy.deepcopy(inputs.float_model).cpu().eval()
         return {"fp32": lower(model, (1, 3, *inputs.input_size))}
 
+    peer_name = "XNNPACKQuantizer"
+
+    def peer(self, inputs: BuildInputs) -> bytes:
+        """ExecuTorch's own int8, for comparison: the stock XNNPACKQuantizer (per-channel symmetric) through
+        prepare_pt2e, calibrated on the same images one at a time (the program is static at batch 1),
+        convert_pt2e, lowered as ``build`` lowers (one XNNPACK delegate)."""
+        import copy
+
+        import torch
+        from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (XNNPACKQuantizer,
+                                                                              get_symmetric_quantization_config)
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+        shape = (1, 3, *inputs.input_size)
+        model = copy.deepcopy(inputs.float_model).cpu().eval()
+        quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+        prepared = prepare_pt2e(torch.export.export(model, (torch.zeros(shape),), strict=False).module(),
+                                quantizer)
+        with torch.no_grad():
+            for batch in inputs.calibration:
+                for row in np.asarray(batch, np.float32):
+                    prepared(torch.from_numpy(row[None]))
+        return lower(convert_pt2e(prepared, fold_quantize=True), shape)
+
     def runner(self, artifact: bytes, threads: int, variant: str = "int8") -> Runner:
         import torch
         from executorch.extension.pybindings.portable_lib import _threadpool_get_thread_count, _unsafe_reset_threadpool

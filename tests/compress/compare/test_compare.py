@@ -188,6 +188,22 @@ def test_a_rerun_runs_and_measures_nothing_and_takes_seconds(first, tiny, monkey
     assert second["variants"] == report["variants"]  # the same numbers, measurement ids included
 
 
+def test_other_runtimes_floats_come_from_the_right_network_and_are_reused(first):
+    """ExecuTorch and LiteRT build their floats from torch: the pruned row's network is netadapt's checkpoint, not
+    the start model; a float another compare built from the same source is read back, not built again."""
+    report, out, _, _ = first
+    ort = _by(report, "ort-x86")
+    pruned = measure._torch_float(ort["netadapt"], out, start_model=None)
+    assert sum(p.numel() for p in pruned.parameters()) == ort["netadapt"]["params"] < ort["fp32"]["params"]
+    assert measure._torch_float(ort["fp32"], out, start_model="the start model") == "the start model"
+    index = json.loads((out / measure.ARTIFACTS_INDEX).read_text())
+    assert set(index) == {"openvino/fp32", "openvino/netadapt"}
+    entry, source = index["openvino/netadapt"], measure._float_source_digest(ort["netadapt"], out)
+    built = measure._reuse_built(entry, source, out)
+    assert built and built["fp32"] == (out / entry["files"]["fp32"]["file"]).read_bytes()
+    assert measure._reuse_built(entry, "another source", out) is None
+
+
 def test_a_changed_request_runs_only_that_subrun_and_an_interrupted_one_again(first, tiny, monkeypatch, tmp_path):
     _, out, _, _ = first
     again = tmp_path / "changed"

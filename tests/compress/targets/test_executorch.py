@@ -154,6 +154,27 @@ def test_one_xnnpack_delegate_and_nothing_outside(run):
     assert _row(report)["extras"]["delegate_partitions"] == 1
 
 
+def test_the_peer_is_executorchs_own_int8_program(tiny, source, test_images, tmp_path):
+    """The baseline benchmarks/deploy_targets.py stands ours next to: the stock XNNPACKQuantizer, calibrated,
+    lowered to one delegate; an int8 program (its delegate carries int8 grids) that still classifies."""
+    from compress.targets.executorch import delegate_qparams
+
+    int8, _, inputs = _ptq_reference(tiny, source, tmp_path)
+    reader = TrainSplitReader(source, 16, 8, 0)
+    while (item := reader.get_next()) is not None:
+        inputs.calibration.append(item["input"])
+    target = ExecuTorch()
+    pte = target.peer(inputs)
+    facts = pte_facts(pte)
+    # one delegate; outside it only the layout copies the stock lowering adds (ours moves them into fp32 input)
+    assert facts["delegate_partitions"] == 1
+    assert set(facts["ops_outside_delegates"]) <= {"dim_order_ops::_to_dim_order_copy"}
+    grids, weight_scales = delegate_qparams(pte)
+    assert len(grids) > 5 and len(weight_scales) > 5  # quantized, not a float program
+    agree, top1 = _agreement(target, pte, int8, test_images)
+    assert top1 > 0.9 and agree >= 0.9
+
+
 def test_se_gate_fold_is_the_same_function(tiny, test_images):
     from compress.targets.executorch_pt2e import fold_se_gates
 
