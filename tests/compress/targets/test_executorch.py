@@ -23,6 +23,7 @@ if str(ROOT) not in sys.path:
 from calibration.datasets import FASHION_MNIST_DIR, load_fashion_mnist, open_dataset  # noqa: E402
 from calibration.reader import TrainSplitReader  # noqa: E402
 from compress.errors import UserError  # noqa: E402
+from compress.quant.core import range_dict  # noqa: E402
 from compress.models.mobilenetv3 import arch_spec  # noqa: E402
 from compress.targets.base import BuildInputs  # noqa: E402
 from compress.targets.executorch import ExecuTorch, pte_facts  # noqa: E402
@@ -46,16 +47,9 @@ def tiny(source):
 
 
 @pytest.fixture(scope="module")
-def test_images(source):
+def two_class_images(source):
     return two_class_test_images(source, 400)
 
-
-def _ranges(tensors_data) -> dict[str, tuple[float, float]]:
-    out = {}
-    for name, v in tensors_data.data.items():
-        lo, hi = v.range_value
-        out[name] = (float(np.asarray(lo).reshape(-1)[0]), float(np.asarray(hi).reshape(-1)[0]))
-    return out
 
 
 def _ptq_reference(model, source, workdir, exclude=lambda prepared: []):
@@ -69,7 +63,7 @@ def _ptq_reference(model, source, workdir, exclude=lambda prepared: []):
     prepared = prepare_float(fp32, recipe.quantize, workdir)
     ranges = calibrate(prepared, TrainSplitReader(source, CALIBRATION, 32, 0), recipe.calibration, workdir)
     graph = quantize_prepared(prepared, ranges, recipe, workdir, extra_excluded=exclude(onnx.load(str(prepared))))
-    table = ScaleTable.from_int8(graph.model, fp32, _ranges(ranges), graph.excluded)
+    table = ScaleTable.from_int8(graph.model, fp32, range_dict(ranges), graph.excluded)
     return graph.model, table, BuildInputs(model, fp32, table, recipe, (SIZE, SIZE), Path(workdir))
 
 
@@ -111,10 +105,10 @@ def test_quantize_writes_and_measures_the_pte(run):
     assert "| executorch | `model_int8_executorch.pte` |" in (out / "report.md").read_text()
 
 
-def test_pte_agrees_with_the_ort_x86_int8_model(run, test_images):
+def test_pte_agrees_with_the_ort_x86_int8_model(run, two_class_images):
     out, _ = run
     agree, top1 = _agreement(ExecuTorch(), (out / "model_int8_executorch.pte").read_bytes(),
-                             onnx.load(str(out / "model_int8.onnx")), test_images)
+                             onnx.load(str(out / "model_int8.onnx")), two_class_images)
     assert agree >= 0.95 and top1 > 0.9  # and a working classifier, not two constant outputs
 
 
@@ -154,7 +148,7 @@ def test_one_xnnpack_delegate_and_nothing_outside(run):
     assert _row(report)["extras"]["delegate_partitions"] == 1
 
 
-def test_the_peer_is_executorchs_own_int8_program(tiny, source, test_images, tmp_path):
+def test_the_peer_is_executorchs_own_int8_program(tiny, source, two_class_images, tmp_path):
     """The baseline benchmarks/deploy_targets.py stands ours next to: the stock XNNPACKQuantizer, calibrated,
     lowered to one delegate; an int8 program (its delegate carries int8 grids) that still classifies."""
     from compress.targets.executorch import delegate_qparams
@@ -171,15 +165,15 @@ def test_the_peer_is_executorchs_own_int8_program(tiny, source, test_images, tmp
     assert set(facts["ops_outside_delegates"]) <= {"dim_order_ops::_to_dim_order_copy"}
     grids, weight_scales = delegate_qparams(pte)
     assert len(grids) > 5 and len(weight_scales) > 5  # quantized, not a float program
-    agree, top1 = _agreement(target, pte, int8, test_images)
+    agree, top1 = _agreement(target, pte, int8, two_class_images)
     assert top1 > 0.9 and agree >= 0.9
 
 
-def test_se_gate_fold_is_the_same_function(tiny, test_images):
+def test_se_gate_fold_is_the_same_function(tiny, two_class_images):
     from compress.targets.executorch_pt2e import fold_se_gates
 
     folded, paths = fold_se_gates(tiny)
-    x = torch.from_numpy(test_images[0][:64])
+    x = torch.from_numpy(two_class_images[0][:64])
     with torch.no_grad():
         assert torch.allclose(folded(x), tiny(x), atol=1e-5)
     assert len(paths) == 3 and all(p.endswith(".fc2") for p in paths)
@@ -206,7 +200,7 @@ def test_a_missing_runtime_is_a_one_line_error(monkeypatch):
     assert "pip install 'mnv3-compress[executorch]'" in str(err.value) and "\n" not in str(err.value)
 
 
-def test_excluded_nodes_stay_float(tiny, source, test_images, tmp_path):
+def test_excluded_nodes_stay_float(tiny, source, two_class_images, tmp_path):
     """A tuning-style fallback (one depthwise conv) and a mixed-precision unit (a whole SE block: pool, fc1, relu,
     fc2, gate, product), kept in fp32 in the x86 graph, are float in the .pte too: their convs have no weight
     scale, and every scale the program does quantize with is still the table's."""
@@ -228,7 +222,7 @@ def test_excluded_nodes_stay_float(tiny, source, test_images, tmp_path):
     extras = target.extras(pte, tmp_path)
     assert extras["float_nodes"] == sorted(table.excluded) and extras["delegate_qparams"]["weights"] == len(weights)
     assert extras["delegate_partitions"] == 1  # the float layers run inside the one XNNPACK delegate
-    assert _agreement(target, pte, int8, test_images)[0] >= 0.95
+    assert _agreement(target, pte, int8, two_class_images)[0] >= 0.95
 
 
 @pytest.fixture(scope="module")
@@ -258,11 +252,11 @@ def qat(tiny, source, tmp_path_factory):
     graph, prepared = export_qat(qm.eval(), recipe, tmp, source.preprocess)
     float_onnx = onnx.load(str(Path(prepared).parent / QAT_FLOAT_ONNX))
     ranges = calibrate(prepared, TrainSplitReader(source, CALIBRATION, 32, 0), CalibrationConfig(), tmp)
-    table = ScaleTable.from_int8(graph.model, float_onnx, _ranges(ranges), graph.excluded, "qat")
+    table = ScaleTable.from_int8(graph.model, float_onnx, range_dict(ranges), graph.excluded, "qat")
     return graph.model, table, BuildInputs(to_float(qm).cpu().eval(), float_onnx, table, recipe, (SIZE, SIZE), tmp)
 
 
-def test_a_qat_table_reaches_the_pte_unchanged(qat, test_images, tmp_path):
+def test_a_qat_table_reaches_the_pte_unchanged(qat, two_class_images, tmp_path):
     int8, table, inputs = qat
     assert table.source == "qat"
     target = ExecuTorch()
@@ -272,4 +266,4 @@ def test_a_qat_table_reaches_the_pte_unchanged(qat, test_images, tmp_path):
     assert s["max_rel_scale_deviation"] == 0.0
     assert s["zero_point_mismatches"] == 0 and s["weights_compared"] == len(table.weights)
     assert s["max_rel_weight_scale_deviation"] < 1e-6
-    assert _agreement(target, pte, int8, test_images)[0] >= 0.95
+    assert _agreement(target, pte, int8, two_class_images)[0] >= 0.95

@@ -24,7 +24,7 @@ from calibration.datasets import FASHION_MNIST_DIR, load_fashion_mnist, open_dat
 from calibration.reader import TrainSplitReader  # noqa: E402
 from compress.errors import UserError  # noqa: E402
 from compress.onnx.export import to_onnx  # noqa: E402
-from compress.quant.core import calibrate, prepare_float, quantize_prepared  # noqa: E402
+from compress.quant.core import calibrate, prepare_float, quantize_prepared, range_dict  # noqa: E402
 from compress.targets.base import BuildInputs  # noqa: E402
 from compress.targets.litert import LiteRT  # noqa: E402
 from compress.targets.table import ScaleTable, compare_scales  # noqa: E402
@@ -41,13 +41,6 @@ pytestmark = pytest.mark.litert
 NO_HOME = ("/Flatten_output_0", "/GlobalAveragePool_output_0")
 DERIVED = ("/HardSwish/gate_output", "/scale_activation/HardSigmoid_output_0", "logits")
 
-
-def _ranges(data) -> dict[str, tuple[float, float]]:
-    out = {}
-    for name, v in data.data.items():
-        lo, hi = v.range_value
-        out[name] = (float(np.asarray(lo).reshape(-1)[0]), float(np.asarray(hi).reshape(-1)[0]))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +77,7 @@ def ptq(runtime, tiny, reader, tmp_path_factory):
     prepared = prepare_float(fp32, recipe.quantize, wd)
     ranges = calibrate(prepared, reader, recipe.calibration, wd)
     graph = quantize_prepared(prepared, ranges, recipe, wd)
-    table = ScaleTable.from_int8(graph.model, fp32, _ranges(ranges), graph.excluded, "calibration",
+    table = ScaleTable.from_int8(graph.model, fp32, range_dict(ranges), graph.excluded, "calibration",
                                  recipe.quantize.weight_bits, graph.reduce_range)
     inputs = BuildInputs(tiny, fp32, table, recipe, (SIZE, SIZE), wd)
     return inputs, graph, LiteRT().build(inputs)
@@ -248,7 +241,7 @@ def qat(runtime, tiny, source, reader, tmp_path_factory):
     graph, prepared = export_qat(qm, recipe, wd, source.preprocess)
     flt = to_float(qm).eval()
     fp32 = to_onnx(flt, (SIZE, SIZE))
-    ranges = _ranges(calibrate(prepared, reader, CalibrationConfig(method="minmax"), wd))
+    ranges = range_dict(calibrate(prepared, reader, CalibrationConfig(method="minmax"), wd))
     table = ScaleTable.from_int8(graph.model, fp32, ranges, graph.excluded, "qat", recipe.quantize.weight_bits,
                                  graph.reduce_range)
     inputs = BuildInputs(flt, fp32, table, recipe, (SIZE, SIZE), wd)
