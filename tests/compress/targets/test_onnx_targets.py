@@ -20,7 +20,7 @@ from compress.errors import UserError
 from compress.onnx.export import to_onnx
 from compress.quant.core import calibrate, prepare_float, quantize_prepared
 from compress.targets.base import BuildInputs
-from compress.targets.openvino import OpenVINO
+from compress.targets.openvino import OpenVINO, stem_activation_input
 from compress.targets.ort import OrtArm64
 from compress.targets.registry import parse_targets
 from compress.targets.table import ScaleTable, compare_scales, table_qat_params
@@ -111,10 +111,19 @@ def test_openvino_carries_the_table_and_predicts_what_the_reference_predicts(ptq
     model = onnx.load_from_string(artifact)
     ops = {n.op_type for n in model.graph.node}
     assert "HardSwish" in ops and "HardSigmoid" not in ops  # the gate as Add/Clip/Mul, h-swish one op
-    acts, _ = target.scales(artifact)
-    dev = compare_scales(inputs.table, acts)
+    acts, weights = target.scales(artifact)
+    dev = compare_scales(inputs.table, acts, weights)
     assert dev["activations_compared"] > 50 and dev["max_rel_scale_deviation"] < 1e-6
     assert dev["zero_point_mismatches"] == 0
+    # every conv / Gemm weight scale read back from OpenVINO's own graph, keyed as the table
+    assert dev["weights_compared"] == len(inputs.table.weights) and dev["max_rel_weight_scale_deviation"] < 1e-6
+    # h-swish on the conv's float output (NNCF's post-op placement), except the stem's, rounded on x86's grid
+    dq_outputs = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    rounded = [n.input[0] in dq_outputs for n in model.graph.node if n.op_type == "HardSwish"]
+    assert len(rounded) > 3 and rounded[0] and not any(rounded[1:])
+    stem = stem_activation_input(model)
+    assert acts[stem][1] == inputs.table.activations[stem][1]
+    assert acts[stem][0] == pytest.approx(inputs.table.activations[stem][0], rel=1e-6)
     run = target.runner(artifact, threads=1)
     ours = np.concatenate([run(x[i:i + 1]) for i in range(len(x))])
     ref = _logits(int8.SerializeToString(), x)
@@ -142,10 +151,11 @@ def test_qat_scales_reach_every_onnx_target_unchanged(source, tmp_path):
     table = ScaleTable.from_int8(graph.model, qat_fp32, source="qat")
     inputs = BuildInputs(to_float(qm), qat_fp32, table, recipe, (SIZE, SIZE), tmp_path)
     for target in (OrtArm64(), OpenVINO()):
-        acts, _ = target.scales(target.build(inputs))
-        dev = compare_scales(table, acts)
+        acts, weights = target.scales(target.build(inputs))
+        dev = compare_scales(table, acts, weights)
         assert dev["activations_compared"] > 50 and dev["max_rel_scale_deviation"] < 1e-6, target.name
         assert dev["zero_point_mismatches"] == 0, target.name
+        assert dev["weights_compared"] == len(table.weights) and dev["max_rel_weight_scale_deviation"] < 1e-6
 
 
 def test_targets_are_parsed_with_the_reference_first_and_missing_runtimes_named(monkeypatch):
