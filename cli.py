@@ -330,7 +330,7 @@ def recipes() -> None:
 @_workers_option
 @click.option("--input-size", type=click.IntRange(8), default=None, help="Square input side (default: the checkpoint's, else the dataset's).")
 @click.option("--target-latency-ratio", type=click.FloatRange(0, 1, min_open=True), default=None, help="Stop at this fraction of the unpruned latency (default: the recipe's).")
-@click.option("--target", default="ort-x86", show_default=True, help="Where the pruned model deploys: the latency table and every measurement are timed in its runtime, in the recipe's precision (netadapt-int8: int8), and netadapt-int8 ends with its int8 artifact. ort-x86 and openvino are measured here; ort-arm64 needs --latency-table.")
+@click.option("--target", default="ort-x86", show_default=True, help="Where the pruned model deploys: the latency table and every measurement are timed in its runtime, in the recipe's precision (netadapt-int8: int8), and netadapt-int8 ends with its int8 artifact. ort-x86, openvino and executorch are measured here; ort-arm64 needs --latency-table.")
 @click.option("--latency-table", type=click.Path(dir_okay=False), default=None, help="A latency table measured on the device (tools/device_latency.py): the search follows its times.")
 @click.option("--limit-train", type=click.IntRange(1), default=None, help="Use only the first N train images (holdout and fine-tunes; smoke runs).")
 @click.option("--limit-test", type=click.IntRange(1), default=None, help="Evaluate the result on the first N test images only (default: the whole test split).")

@@ -11,7 +11,6 @@ one warm-up pass, in alternating rounds.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile

@@ -134,13 +134,13 @@ def accuracy(runtimes: list[str], threads: int, calibration_size: int) -> dict[s
     out: dict[str, Any] = {"model": f"{loaded.spec.arch} @{source.preprocess.input_size[0]} on {source.name}"}
     with tempfile.TemporaryDirectory() as tmp:
         ours_x86, inputs = build(loaded.model.eval(), source, Path(tmp), calibration_size)
-        ref = None
+        from compress.targets.registry import TARGETS
+
+        ref, _ = test_logits(TARGETS["ort-x86"].runner(ours_x86, threads), source, None, None)  # the reference
         for runtime in runtimes:
             out[runtime] = {}
             for name, run in variants_for(runtime, inputs, ours_x86, threads).items():
                 logits, labels = test_logits(run, source, None, 1 if runtime != "onnxruntime" else None)
-                if runtime == "onnxruntime" and name == "ours int8":
-                    ref = logits
                 out[runtime][name] = {"top1": float((logits.argmax(1) == labels).mean()), "logits": logits}
         for runtime in runtimes:
             for v in out[runtime].values():

@@ -42,10 +42,9 @@ BUNDLE_FORMAT = "mnv3-compress-latency-units"
 
 def bundle(spec, input_size: int, timing, batch: int, depth: int, step: int | None, out: Path) -> dict:
     """Write ``out/units.json`` and one ONNX file per unit and per baseline; returns the index."""
-    import onnx
 
     from compress.io import write_bytes, write_json
-    from compress.prune.latency_table import TABLE_VERSION, network_units, unit_key, unit_module, unit_onnx
+    from compress.prune.latency_table import TABLE_VERSION, network_units, unit_artifact, unit_key, unit_module
     from compress.prune.netadapt import candidate_specs
 
     specs = [spec] + candidate_specs(spec, step or timing.channel_step, depth)
@@ -59,7 +58,7 @@ def bundle(spec, input_size: int, timing, batch: int, depth: int, step: int | No
     for i, (key, entry) in enumerate(units.items()):
         _, chw = unit_module(entry["unit"])
         file = f"unit_{i:04d}.onnx"
-        write_bytes(out / file, timing.artifact(onnx.load_from_string(unit_onnx(entry["unit"], batch)), chw, batch))
+        write_bytes(out / file, unit_artifact(entry["unit"], timing, batch))
         if tuple(chw) not in baselines:
             baselines[tuple(chw)] = f"baseline_{len(baselines):03d}.onnx"
             write_bytes(out / baselines[tuple(chw)], timing.baseline(chw, batch))

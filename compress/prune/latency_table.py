@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import re
-import warnings
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -43,15 +41,14 @@ from compress.errors import UserError
 from compress.io import home as default_home
 from compress.io import write_json
 from compress.models.mobilenetv3 import ArchSpec, ConvBNAct, InvertedResidual, _act
-from compress.onnx.export import drop_identities
-from compress.prune.unit_timing import Timing
+from compress.prune.unit_timing import Timing, export_unit
 from compress.training import distributed
 from compress.training.distributed import DistContext
 
-__all__ = ["LatencyTable", "SharedTable", "DeviceTable", "network_units", "unit_module", "unit_onnx", "export_unit",
-           "table_path", "agreement"]
+__all__ = ["LatencyTable", "SharedTable", "DeviceTable", "network_units", "unit_module", "unit_onnx", "unit_artifact",
+           "export_unit", "trained_like", "table_path", "agreement"]
 
-TABLE_VERSION = 2  # 2: the target and precision are part of the table
+TABLE_VERSION = 3  # 2: the target and precision are part of the table; 3: OpenVINO's int8 keeps the stem's grid
 
 
 def _out_size(h: int, kernel: int, stride: int, dilation: int = 1) -> int:
@@ -106,27 +103,26 @@ def unit_module(unit: dict[str, Any]) -> tuple[nn.Module, tuple[int, int, int]]:
     raise ValueError(f"unknown unit kind {kind!r}")
 
 
-def unit_onnx(unit: dict[str, Any], batch: int) -> bytes:
-    """The unit exported as it would be inside the whole network (BN folded, opset 17), static shape."""
-    module, chw = unit_module(unit)
-    with torch.no_grad():  # non-trivial BN statistics, as in a trained network
+def trained_like(module: nn.Module) -> nn.Module:
+    """Non-trivial BN statistics, as in a trained network (random weights: they do not change the latency)."""
+    with torch.no_grad():
         for m in module.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.running_var.uniform_(0.5, 2.0)
-    return export_unit(module, chw, batch)
+    return module.eval()
 
 
-def export_unit(module: nn.Module, chw: Sequence[int], batch: int) -> bytes:
-    """``module`` (eval mode) as an ONNX graph with the static input ``[batch, *chw]``."""
-    module.eval()
-    buf = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, (torch.zeros(batch, *chw),), buf, dynamo=False, opset_version=17,
-                          input_names=["input"], output_names=["output"], do_constant_folding=True)
-    proto = onnx.load_from_string(buf.getvalue())
-    drop_identities(proto)  # as the network's export: every weight an initializer (the int8 passes need it)
-    return proto.SerializeToString()
+def unit_onnx(unit: dict[str, Any], batch: int) -> bytes:
+    """The unit exported as it would be inside the whole network (BN folded, opset 17), static shape."""
+    module, chw = unit_module(unit)
+    return export_unit(trained_like(module), chw, batch)
+
+
+def unit_artifact(unit: dict[str, Any], timing: Timing, batch: int) -> bytes:
+    """What ``timing`` runs for ``unit``: its ONNX export, or the target's build from it and its torch module."""
+    module, chw = unit_module(unit)
+    module = trained_like(module)
+    return timing.artifact(onnx.load_from_string(export_unit(module, chw, batch)), chw, batch, module=module)
 
 
 def table_path(input_size: int, threads: int, batch: int, home: Path | None = None, timing: Timing = Timing()
@@ -141,6 +137,25 @@ def table_path(input_size: int, threads: int, batch: int, home: Path | None = No
     runtime = re.sub(r"[^A-Za-z0-9.]+", "", timing.runtime_version())
     name = f"{timing.key}_{slug}-{digest}_{runtime}_t{threads}_b{batch}_{input_size}.json"
     return (home or default_home()) / "latency" / name
+
+
+def _build_pool(timing: Timing, n: int):
+    """Worker processes for targets whose units take seconds to build (ExecuTorch: PT2E + lowering, ~4 s each):
+    built side by side, one per core, while nothing is timed; None where building is cheap or there is one unit."""
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    from compress.prune.unit_timing import TORCH_TARGETS
+
+    workers = min(n, os.cpu_count() or 1)
+    if timing.target not in TORCH_TARGETS or workers < 2:
+        return None
+    return ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_one_thread)
+
+
+def _one_thread() -> None:
+    torch.set_num_threads(1)
 
 
 class LatencyTable:
@@ -161,6 +176,7 @@ class LatencyTable:
         self.entries: dict[str, dict[str, float]] = {}
         self.base_ms: list[float] = []  # the baseline of every measurement batch
         self.measured_here = 0
+        self._baselines: dict[tuple[int, ...], bytes] = {}  # the baseline artifact of each input shape
         self.device: DeviceTable | None = None
         if device_table is not None:
             self.device = DeviceTable.read(device_table, self)
@@ -224,23 +240,37 @@ class LatencyTable:
 
     def measure(self, units: Sequence[dict[str, Any]], chunk: int = 8) -> None:
         """Time ``units`` (a few at a time, interleaved with their baselines) and store them."""
-        from eval.latency import interleave
-
         units = [u for u in units if unit_key(u) not in self.entries]
         if units:
             self.timing.check(proxy=self.device is not None)
         bar = tqdm(total=len(units), desc=f"latency table ({self.timing.key})", leave=False,
                    disable=not (self.progress and units))
+        pool = _build_pool(self.timing, len(units))
+        try:
+            self._measure_chunks(units, chunk, bar, pool)
+        finally:
+            if pool is not None:
+                pool.shutdown()
+        bar.close()
+        if units:
+            self.save()
+
+    def _measure_chunks(self, units, chunk: int, bar, pool) -> None:
+        from eval.latency import interleave
+
         t, b = self.timing, self.batch
         for start in range(0, len(units), chunk):
             part = units[start:start + chunk]
+            built = (list(pool.map(unit_artifact, part, [t] * len(part), [b] * len(part))) if pool is not None
+                     else [unit_artifact(u, t, b) for u in part])
             calls = {}
             for i, u in enumerate(part):
                 _, chw = unit_module(u)
-                calls[f"u{i}"] = t.call(t.artifact(onnx.load_from_string(unit_onnx(u, b)), chw, b), chw, b,
-                                        self.threads)
+                calls[f"u{i}"] = t.call(built[i], chw, b, self.threads)
                 if f"base{chw}" not in calls:
-                    calls[f"base{chw}"] = t.call(t.baseline(chw, b), chw, b, self.threads)
+                    if tuple(chw) not in self._baselines:
+                        self._baselines[tuple(chw)] = t.baseline(chw, b)
+                    calls[f"base{chw}"] = t.call(self._baselines[tuple(chw)], chw, b, self.threads)
             r = interleave(calls, threads=self.threads, batch=b, rounds=self.rounds, warmup=5,
                            round_time_s=self.round_time_s)
             bases = {k: v["median"] for k, v in r.items() if k.startswith("base")}
@@ -252,9 +282,6 @@ class LatencyTable:
                                              "cv": r[f"u{i}"]["cv"]}
             self.measured_here += len(part)
             bar.update(len(part))
-        bar.close()
-        if units:
-            self.save()
 
     def unit_ms(self, unit: dict[str, Any], position: int | None = None) -> float:
         """A unit's marginal ms (``position``: its index in the network, which a device table's scaling needs)."""

@@ -135,19 +135,30 @@ def candidate_specs(spec: ArchSpec, step: int = DIVISOR, depth: int = CANDIDATE_
 
 
 def propose(spec: ArchSpec, table: LatencyTable, delta_ms: float, step: int = DIVISOR) -> list[dict[str, Any]]:
-    """One proposal per group: the smallest cut whose predicted latency is at least ``delta_ms`` lower."""
+    """One proposal per group: the smallest cut whose predicted latency is at least ``delta_ms`` lower.  Groups
+    go deeper together: each round times every unresolved group's next cut in one batch (a target whose units
+    take seconds to build builds them side by side)."""
     groups = channel_groups(spec)
     table.measure(table.missing(candidate_specs(spec, step)))  # time the likely units in one batch
     base = table.predict(spec)
-    out = []
-    for g in groups:
-        for k, new in _candidates(spec, g, step):
+    pending = {g.name: (g, _candidates(spec, g, step)) for g in groups}
+    found: dict[str, dict[str, Any]] = {}
+    while pending:
+        level = {}
+        for name, (g, cuts) in list(pending.items()):
+            cut = next(cuts, None)
+            if cut is None:
+                del pending[name]
+            else:
+                level[name] = (g, *cut)
+        table.measure(table.missing([new for _, _, new in level.values()]))
+        for name, (g, k, new) in level.items():
             pred = table.predict(new)
             if base - pred >= delta_ms:
-                out.append({"group": g.name, "kind": g.kind, "channels": [g.channels, k], "spec": new,
-                            "predicted_ms": pred, "saved_ms": base - pred})
-                break
-    return out
+                found[name] = {"group": g.name, "kind": g.kind, "channels": [g.channels, k], "spec": new,
+                               "predicted_ms": pred, "saved_ms": base - pred}
+                del pending[name]
+    return [found[g.name] for g in groups if g.name in found]
 
 
 def select(proposals: list[dict[str, Any]], rule: str, reference_top1: float) -> int:

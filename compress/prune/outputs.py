@@ -79,11 +79,13 @@ class PruneRun:
                    "quantization": q.get("quantization"), "target": target}
         return variant, summary, artifacts
 
-    def measure(self, fp32: dict[str, bytes], int8: dict[str, dict[str, bytes]]) -> dict[str, dict[str, Any]]:
-        """Every variant in one interleaved measurement, in the runtime ``timed_on`` names."""
+    def measure(self, fp32: dict[str, bytes], int8: dict[str, dict[str, bytes]], modules: dict[str, Any]
+                ) -> dict[str, dict[str, Any]]:
+        """Every variant in one interleaved measurement, in the runtime ``timed_on`` names (``modules``: the
+        torch networks of the fp32 variants, which ExecuTorch builds its fp32 programs from)."""
         timing = Timing(self.timed_on, "fp32")
-        artifacts = {k: timing.artifact(onnx.load_from_string(v), (3, *self.size), self.cfg.batch)
-                     for k, v in fp32.items()}
+        artifacts = {k: timing.artifact(onnx.load_from_string(v), (3, *self.size), self.cfg.batch,
+                                        module=modules.get(k)) for k, v in fp32.items()}
         artifacts.update({k: v[self.timed_on] for k, v in int8.items()})
         return measure_artifacts(artifacts, Timing(self.timed_on, "int8"), self.size, self.cfg.threads,
                                  self.cfg.batch, FINAL_ROUNDS, round_time_s=0.2)
@@ -104,7 +106,7 @@ class PruneRun:
             ref_variant["is_reference"] = False
             quantized["top1"] = variant["accuracy"]["top1"]
             variants += [ref_variant, variant]
-        lat = self.measure(models, int8)
+        lat = self.measure(models, int8, {"fp32": seed_model, "netadapt-fp32": pruned})
         for v in variants:
             v["latency_ms"] = lat[v["name"]]
         search.timings["total"] = time.time() - self.t_start

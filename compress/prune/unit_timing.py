@@ -16,9 +16,14 @@ Channel steps (``channel_step``): a cut that stays inside one kernel block saves
 the target's multiple.  ``benchmarks/channel_step.py`` sweeps one block's expansion in 8s: on this AVX-512 CPU
 ORT's fp32 kernels run 72 and 80 channels in the same time, 88 and 96, ... (NCHWc blocks of 16 floats), ORT's x86
 int8 depthwise runs on the channel count padded to 16 (the int8 recipe pads it), and OpenVINO's times are
-irregular between multiples of 16 and never better off them.  So x86 targets cut in 16s on AVX-512 CPUs (in 8s
-on AVX2 ones, whose blocks are 8 floats), ORT x86 int8 in 16s everywhere, ``ort-arm64`` in the architecture's 8
-(not measured here).
+irregular between multiples of 16 and never better off them, and ExecuTorch's XNNPACK kernels work in 16-channel
+tiles here (block 6 at 224: a cut onto a multiple of 16 saves 3.65 us in int8 and 8.35 us in fp32, a cut off one
+0.55 us and nothing).  So targets timed on this CPU cut in 16s on AVX-512 CPUs (in 8s on AVX2 ones, whose blocks
+are 8 floats), ORT x86 int8 in 16s everywhere, ``ort-arm64`` in the architecture's 8 (not measured here).
+
+ExecuTorch's units are built as its whole network is (:mod:`compress.targets.executorch`: PT2E from the unit's
+torch module with the unit's scale table, one XNNPACK delegate), about 4 s each, so the latency table builds them
+in one worker process per core before timing them.
 """
 from __future__ import annotations
 
@@ -34,11 +39,12 @@ from onnx import TensorProto, helper, numpy_helper
 from compress.errors import UserError
 
 __all__ = ["Timing", "PRECISIONS", "TABLE_TARGETS", "identity_onnx", "qdq_identity_onnx", "int8_onnx", "RandomReader",
-           "network_artifact", "measure_artifacts"]
+           "export_unit", "network_artifact", "measure_artifacts"]
 
 PRECISIONS = ("fp32", "int8")
 # targets whose per-unit latency can be measured on this machine (others: a table measured on the device)
-TABLE_TARGETS = ("ort-x86", "openvino")
+TABLE_TARGETS = ("ort-x86", "openvino", "executorch")
+TORCH_TARGETS = ("executorch",)  # built from the torch module (PT2E), not from the ONNX graph
 PROXY_TARGETS = ("ort-arm64",)  # its graph runs in onnxruntime here too: the host side of a device table
 
 
@@ -84,9 +90,11 @@ def qdq_identity_onnx(batch: int, chw: Sequence[int]) -> bytes:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
 
 
-def int8_onnx(fp32: onnx.ModelProto, chw: Sequence[int], batch: int, target: str, recipe: Any = None) -> bytes:
+def int8_onnx(fp32: onnx.ModelProto, chw: Sequence[int], batch: int, target: str, recipe: Any = None,
+              module: Any = None) -> bytes:
     """``fp32`` (a unit or a whole network, input ``[batch, *chw]``) as ``target``'s int8 artifact: the int8
-    recipe's reference graph (``ort-x86``), or the target's own build from that graph's scale table."""
+    recipe's reference graph (``ort-x86``), or the target's own build from that graph's scale table (``module``:
+    the torch module ``fp32`` was exported from, for targets built with PT2E)."""
     from compress.quant.core import calibrate, prepare_float, quantize_prepared, range_dict
     from compress.targets.base import BuildInputs
     from compress.targets.registry import TARGETS
@@ -104,7 +112,8 @@ def int8_onnx(fp32: onnx.ModelProto, chw: Sequence[int], batch: int, target: str
             return graph.model.SerializeToString()
         table = ScaleTable.from_int8(graph.model, fp32, range_dict(ranges), graph.excluded, "calibration", 8,
                                      graph.reduce_range)
-        inputs = BuildInputs(None, fp32, table, rec, tuple(chw[1:]), wd, [i for i in reader.items])
+        inputs = BuildInputs(module, fp32, table, rec, tuple(chw[1:]), wd, [i for i in reader.items],
+                             channels=int(chw[0]))
         return TARGETS[target].build(inputs)
 
 
@@ -136,7 +145,7 @@ class Timing:
         """Channels per NetAdapt cut on this target (see the module docstring)."""
         if self.target == "ort-x86" and self.precision == "int8":
             return 16
-        if self.target in ("ort-x86", "openvino"):
+        if self.target in ("ort-x86", "openvino", "executorch"):
             from eval.model_info import machine_info
 
             return 16 if "avx512f" in (machine_info().get("isa") or []) else 8
@@ -153,6 +162,10 @@ class Timing:
         TARGETS[self.target].check_installed()
 
     def runtime_version(self) -> str:
+        if self.target == "executorch":
+            from importlib.metadata import version
+
+            return f"executorch {version('executorch')}"
         if self.target == "openvino":
             import openvino
 
@@ -161,15 +174,35 @@ class Timing:
 
         return f"onnxruntime {onnxruntime.__version__}"
 
-    def artifact(self, fp32: onnx.ModelProto, chw: Sequence[int], batch: int) -> bytes:
-        """What this timing runs for the float graph ``fp32`` (input ``[batch, *chw]``)."""
+    def artifact(self, fp32: onnx.ModelProto, chw: Sequence[int], batch: int, module: Any = None) -> bytes:
+        """What this timing runs for the float graph ``fp32`` (input ``[batch, *chw]``; ``module``: the torch
+        module it was exported from, which ExecuTorch's artifacts are built from)."""
+        if self.target in TORCH_TARGETS:
+            if module is None:
+                raise ValueError(f"{self.target} builds from the torch module: pass module=")
+            module, fp32 = _flat_1x1_output(module, fp32, chw, batch)
         if self.precision == "int8":
-            return int8_onnx(fp32, chw, batch, self.target)
+            return int8_onnx(fp32, chw, batch, self.target, module=module)
+        if self.target == "executorch":
+            from compress.targets.executorch import lower
+
+            return lower(module.eval(), (1, *chw))
         from compress.onnx.graph import fix_batch
 
         return fix_batch(fp32, batch).SerializeToString() if self.target != "ort-x86" else fp32.SerializeToString()
 
     def baseline(self, chw: Sequence[int], batch: int) -> bytes:
+        """What entering and leaving a unit costs alone.  ONNX runtimes: an Identity (fp32) or Quantize ->
+        Dequantize of the input (int8).  ExecuTorch converts a unit's input to XNNPACK's layout (NHWC; int8: and
+        quantizes it) and its output back, which a unit inside the network does not pay: its baseline is the
+        cheapest real layer, a 1x1 depthwise conv (one weight per channel) built as units are.  (The same
+        baseline for OpenVINO measured worse: its table under-predicted 12 networks by 17.4 % on average,
+        against 10.7 % over with Q -> DQ.)"""
+        if self.target == "executorch":
+            import torch
+
+            module = torch.nn.Conv2d(chw[0], chw[0], 1, groups=chw[0]).eval()
+            return self.artifact(onnx.load_from_string(export_unit(module, chw, batch)), chw, batch, module)
         return qdq_identity_onnx(batch, chw) if self.precision == "int8" else identity_onnx(batch, chw)
 
     def call(self, artifact: bytes, chw: Sequence[int], batch: int, threads: int) -> Callable[[], Any]:
@@ -181,11 +214,44 @@ class Timing:
         return lambda: run(x)
 
 
+def _flat_1x1_output(module, fp32: onnx.ModelProto, chw: Sequence[int], batch: int):
+    """A unit whose output is ``[N, C, 1, 1]`` returns it flattened to ``[N, C]``: ExecuTorch cannot tell that
+    shape's NHWC output from NCHW (it refuses to resize it), and the flatten of 1 x 1 maps is free."""
+    import torch
+
+    with torch.no_grad():
+        out = module.eval()(torch.zeros(batch, *chw))
+    if out.ndim != 4 or tuple(out.shape[2:]) != (1, 1):
+        return module, fp32
+    flat = torch.nn.Sequential(module, torch.nn.Flatten(1)).eval()
+    return flat, onnx.load_from_string(export_unit(flat, chw, batch))
+
+
+def export_unit(module, chw: Sequence[int], batch: int) -> bytes:
+    """``module`` (eval mode) as an ONNX graph with the static input ``[batch, *chw]`` (BN folded, opset 17)."""
+    import io
+    import warnings
+
+    import torch
+
+    from compress.onnx.export import drop_identities
+
+    module.eval()
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (torch.zeros(batch, *chw),), buf, dynamo=False, opset_version=17,
+                          input_names=["input"], output_names=["output"], do_constant_folding=True)
+    proto = onnx.load_from_string(buf.getvalue())
+    drop_identities(proto)  # as the network's export: every weight an initializer (the int8 passes need it)
+    return proto.SerializeToString()
+
+
 def network_artifact(model, size: tuple[int, int], timing: Timing, batch: int) -> bytes:
     """The whole network (a torch module) as ``timing`` runs it (fp32 ONNX, or the target's int8 artifact)."""
     from compress.onnx.export import to_onnx
 
-    return timing.artifact(to_onnx(model, size), (3, *size), batch)
+    return timing.artifact(to_onnx(model, size), (3, *size), batch, module=model)
 
 
 def measure_artifacts(artifacts: dict[str, bytes], timing: Timing, size: tuple[int, int], threads: int, batch: int,

@@ -31,6 +31,7 @@ class BuildInputs:
     input_size: tuple[int, int]
     workdir: Path
     calibration: list[np.ndarray] = field(default_factory=list)  # a few calibration batches (PT2E shapes the graph)
+    channels: int = 3  # the input's channels (an image: 3; a NetAdapt latency unit: its block's input)
 
 
 def require(module: str, extra: str) -> None:

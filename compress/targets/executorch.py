@@ -166,7 +166,7 @@ class ExecuTorch(Target):
 
         from compress.targets import executorch_pt2e as pt2e
 
-        shape = (1, 3, *inputs.input_size)
+        shape = (1, inputs.channels, *inputs.input_size)
         names = pt2e.GraphNames(inputs.fp32_onnx, inputs.table.excluded)
         model, folded = pt2e.fold_se_gates(inputs.float_model)
         prepared = pt2e.prepare(model, shape, pt2e.table_quantizer(names))
@@ -183,7 +183,7 @@ class ExecuTorch(Target):
         import copy
 
         model = copy.deepcopy(inputs.float_model).cpu().eval()
-        return {"fp32": lower(model, (1, 3, *inputs.input_size))}
+        return {"fp32": lower(model, (1, inputs.channels, *inputs.input_size))}
 
     peer_name = "XNNPACKQuantizer"
 
@@ -198,7 +198,7 @@ class ExecuTorch(Target):
                                                                               get_symmetric_quantization_config)
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-        shape = (1, 3, *inputs.input_size)
+        shape = (1, inputs.channels, *inputs.input_size)
         model = copy.deepcopy(inputs.float_model).cpu().eval()
         quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
         prepared = prepare_pt2e(torch.export.export(model, (torch.zeros(shape),), strict=False).module(),

@@ -12,7 +12,7 @@ import torch
 
 from compress.errors import UserError
 from compress.models.mobilenetv3 import MobileNetV3, arch_spec, count_params
-from compress.prune.latency_table import LatencyTable, network_units, unit_key, unit_module, unit_onnx
+from compress.prune.latency_table import TABLE_VERSION, LatencyTable, network_units, unit_key, unit_module, unit_onnx
 from compress.prune.unit_timing import Timing
 from tests.compress.prune.test_netadapt import _fake_fashion_mnist
 
@@ -128,7 +128,7 @@ def _device_table(expensive_position: int) -> dict:
             module, _ = unit_module(u)
             ms = 1e-6 * sum(p.numel() for p in module.parameters()) * u["hw"] ** 2
             units[unit_key(u)] = {"ms": ms * (100 if position == expensive_position else 1), "position": position}
-    return {"version": 2, "timing": "ort-arm64-int8", "runtime": "onnxruntime (device)", "input_size": 16,
+    return {"version": TABLE_VERSION, "timing": "ort-arm64-int8", "runtime": "onnxruntime (device)", "input_size": 16,
             "threads": 1, "batch": 1, "machine": {"cpu": "test device"}, "base_ms": [0.01], "units": units}
 
 
@@ -196,3 +196,73 @@ def test_a_device_table_for_other_settings_is_refused(device_bundle, tmp_path):
     assert np.isfinite(LatencyTable(16, path=tmp_path / "host.json", progress=False,
                                     timing=Timing("ort-arm64", "int8"), device_table=path).predict(SPEC))
 
+
+
+def test_executorch_units_are_xnnpack_programs_built_from_the_unit_module(tmp_path):
+    """ExecuTorch times what it ships: each unit built from its torch module by the executorch target (PT2E with
+    the unit's own scale table) into one XNNPACK delegate; the fp32 unit is the same module lowered unquantized;
+    its baseline is a 1x1 depthwise conv built the same way.  The table is keyed by target and runtime."""
+    from compress.prune.latency_table import unit_artifact
+    from compress.targets.executorch import delegate_qparams, pte_facts
+
+    unit = network_units(SPEC, 16)[2]  # block 1: expansion 40 -> depthwise -> projection
+    _, chw = unit_module(unit)
+    int8 = unit_artifact(unit, Timing("executorch", "int8"), 1)
+    fp32 = unit_artifact(unit, Timing("executorch", "fp32"), 1)
+    for program in (int8, fp32):
+        assert pte_facts(program)["delegate_partitions"] == 1
+    acts, weights = delegate_qparams(int8)
+    assert len(weights) == 3 and len(acts) >= 3  # three int8 convs, their activation grids
+    assert delegate_qparams(fp32) == (set(), [])
+    base = Timing("executorch", "int8").baseline(chw, 1)
+    assert len(delegate_qparams(base)[1]) == 1  # one int8 depthwise conv
+    module, _ = unit_module(unit)
+    with torch.no_grad():
+        want = tuple(module.eval()(torch.zeros(1, *chw)).shape)
+    assert Timing("executorch", "int8").call(int8, chw, 1, 1)().shape == want == (1, unit["out_ch"], 2, 2)
+    with pytest.raises(ValueError, match="builds from the torch module"):
+        Timing("executorch", "int8").artifact(onnx.load_from_string(unit_onnx(unit, 1)), chw, 1)
+    path = tmp_path / "lut.json"
+    table = LatencyTable(16, path=path, rounds=1, round_time_s=0.002, progress=False,
+                         timing=Timing("executorch", "int8"))
+    units = network_units(SPEC, 16)[-2:]  # the last conv and the head (1x1 maps), built by two worker processes
+    table.measure(units)
+    doc = json.loads(path.read_text())
+    assert doc["timing"] == "executorch-int8" and doc["runtime"].startswith("executorch ")
+    assert set(doc["units"]) == {unit_key(u) for u in units} and all(v["raw_ms"] > 0 for v in doc["units"].values())
+
+
+def test_groups_go_deeper_together_in_one_batch_per_round():
+    """propose times every unresolved group's next cut in one batch (ExecuTorch builds a batch two at a time)
+    and still returns, per group, the smallest cut that saves delta."""
+    from compress.prune.channels import channel_groups
+    from compress.prune.netadapt import _candidates, candidate_specs, propose
+
+    def latency(spec):
+        return float(sum(b.expanded + b.out_ch for b in spec.blocks) + spec.last_conv + spec.last_channel)
+
+    class Recording:
+        def __init__(self):
+            self.batches = []
+
+        def missing(self, specs):
+            return list(specs)
+
+        def measure(self, units):
+            self.batches.append(len(units))
+
+        def predict(self, spec):
+            return latency(spec)
+
+    table, delta = Recording(), 20.0
+    proposals = propose(SPEC, table, delta_ms=delta, step=8)
+    groups = channel_groups(SPEC)
+    cuttable = sum(1 for g in groups if next(_candidates(SPEC, g, 8), None) is not None)
+    assert table.batches[0] == len(candidate_specs(SPEC, 8)) and table.batches[1] == cuttable
+    assert len(table.batches) > 3  # delta needs deeper cuts than the first: several rounds
+    assert all(a >= b for a, b in zip(table.batches[1:], table.batches[2:]))  # fewer groups left each round
+    for p in proposals:  # the smallest cut that saves delta, as a one-group-at-a-time search finds it
+        g = next(g for g in groups if g.name == p["group"])
+        want = next(k for k, s in _candidates(SPEC, g, 8) if latency(SPEC) - latency(s) >= delta)
+        assert p["channels"] == [g.channels, want]
+    assert len(proposals) > 3
