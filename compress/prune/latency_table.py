@@ -27,7 +27,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
+import weakref
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -141,8 +143,9 @@ def table_path(input_size: int, threads: int, batch: int, home: Path | None = No
 
 def _build_pool(timing: Timing, n: int):
     """Worker processes for targets whose units take seconds to build (ExecuTorch: PT2E + lowering, ~4 s each):
-    built side by side, one per core, while nothing is timed; None where building is cheap or there is one unit."""
-    import os
+    built side by side, one per core, while nothing is timed; None where building is cheap or there is one unit.
+    A table keeps its pool for its lifetime (:meth:`LatencyTable.close`): spawning one costs ~15 s of imports,
+    and NetAdapt measures a few units several times per iteration."""
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
@@ -152,6 +155,12 @@ def _build_pool(timing: Timing, n: int):
     if timing.target not in TORCH_TARGETS or workers < 2:
         return None
     return ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_one_thread)
+
+
+def _shutdown(holder: dict) -> None:
+    pool = holder.pop("pool", None)
+    if pool is not None:
+        pool.shutdown(cancel_futures=True)
 
 
 def _one_thread() -> None:
@@ -177,6 +186,8 @@ class LatencyTable:
         self.base_ms: list[float] = []  # the baseline of every measurement batch
         self.measured_here = 0
         self._baselines: dict[tuple[int, ...], bytes] = {}  # the baseline artifact of each input shape
+        self._pool: dict[str, Any] = {}  # {"pool": the build workers}, once a batch of units needed them
+        weakref.finalize(self, _shutdown, self._pool)
         self.device: DeviceTable | None = None
         if device_table is not None:
             self.device = DeviceTable.read(device_table, self)
@@ -245,15 +256,32 @@ class LatencyTable:
             self.timing.check(proxy=self.device is not None)
         bar = tqdm(total=len(units), desc=f"latency table ({self.timing.key})", leave=False,
                    disable=not (self.progress and units))
-        pool = _build_pool(self.timing, len(units))
         try:
-            self._measure_chunks(units, chunk, bar, pool)
-        finally:
-            if pool is not None:
-                pool.shutdown()
+            self._measure_chunks(units, chunk, bar, self._workers(len(units)))
+        except BaseException:
+            self.close()  # a broken or interrupted pool is not reused
+            raise
         bar.close()
         if units:
             self.save()
+
+    def _workers(self, n: int):
+        """The table's build pool (started by the first batch of two or more units that need one), else None."""
+        if "pool" not in self._pool and n >= 2:
+            pool = _build_pool(self.timing, os.cpu_count() or 1)
+            if pool is not None:
+                self._pool["pool"] = pool
+        return self._pool.get("pool")
+
+    def close(self) -> None:
+        """Stop the build workers (also done when the table is garbage-collected or at exit)."""
+        _shutdown(self._pool)
+
+    def __enter__(self) -> "LatencyTable":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def _measure_chunks(self, units, chunk: int, bar, pool) -> None:
         from eval.latency import interleave

@@ -317,6 +317,7 @@ class _Search:
             if self.reached(ratio, pred_ratio):
                 self.stop = "target met"
         bar.close()
+        self.table.close()  # the build workers idle through the final fine-tune otherwise
         self.timings["search_s"] = time.time() - t_search
 
     def iteration(self, it: int) -> dict[str, Any] | None:

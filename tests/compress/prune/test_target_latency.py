@@ -230,6 +230,14 @@ def test_executorch_units_are_xnnpack_programs_built_from_the_unit_module(tmp_pa
     doc = json.loads(path.read_text())
     assert doc["timing"] == "executorch-int8" and doc["runtime"].startswith("executorch ")
     assert set(doc["units"]) == {unit_key(u) for u in units} and all(v["raw_ms"] > 0 for v in doc["units"].values())
+    # the workers live as long as the table (spawning them costs ~15 s): a second batch runs in the same processes
+    workers = table._pool["pool"]
+    first = set(workers._processes)
+    table.measure(network_units(SPEC, 16)[:1])  # the stem
+    assert table._pool["pool"] is workers and set(workers._processes) == first and len(first) >= 2
+    assert unit_key(network_units(SPEC, 16)[0]) in json.loads(path.read_text())["units"]
+    table.close()
+    assert "pool" not in table._pool and not workers._processes
 
 
 def test_groups_go_deeper_together_in_one_batch_per_round():
