@@ -25,7 +25,7 @@ from compress.errors import UserError  # noqa: E402
 from compress.onnx.export import to_onnx  # noqa: E402
 from compress.onnx.graph import op_counts  # noqa: E402
 from compress.quant.checks import int8_checks, int8_conv_stats  # noqa: E402
-from compress.quant.core import calibrate, prepare_float, quantize_prepared  # noqa: E402
+from compress.quant.core import calibrate, prepare_float, quantize_prepared, range_dict  # noqa: E402
 from compress.quant.cpu import cpu_int8_info, resolve_reduce_range  # noqa: E402
 from recipes.loader import load_recipe  # noqa: E402
 from tests.compress.quant.tiny_trained import SIZE, ort_session, train_tiny, two_class_test_images  # noqa: E402
@@ -96,6 +96,39 @@ def test_calibration_methods_give_different_valid_ranges(int8_default, reader, t
         assert lo("percentile", name) >= lo("minmax", name) - 1e-6
     assert sum(hi("percentile", n) < hi("minmax", n) - 1e-6 for n in names) > len(names) // 4
     assert any(abs(hi("entropy", n) - hi("minmax", n)) > 1e-6 for n in names)
+
+
+def test_calibration_feeds_ort_in_chunks_with_the_ranges_of_one_pass(int8_default, reader, tmp_path, monkeypatch):
+    """ORT's calibrators keep every activation of one collect_data call in memory (more than 10 GB for 512
+    images of MobileNetV3-Large at 224): calibration hands them chunks, whose merged ranges are the one-pass
+    ranges (MinMax: exactly; percentile: the same histogram re-binned as its range grows)."""
+    import compress.quant.core as core
+
+    recipe, prepared, _ = int8_default
+    calls = []
+
+    class Counting(core._Chunk):
+        def __init__(self, *args):
+            super().__init__(*args)
+            calls.append(self)
+
+    ranges = {}
+    for chunk in (10**9, 32):
+        monkeypatch.setattr(core, "CALIBRATION_CHUNK_IMAGES", chunk)
+        monkeypatch.setattr(core, "_Chunk", Counting)
+        calls.clear()
+        for method in ("minmax", "percentile"):
+            cal = recipe.with_overrides("calibration", method=method, num_bins=512, percentile=99.9).calibration
+            ranges[chunk, method] = range_dict(calibrate(prepared, reader, cal, tmp_path))
+        assert [c.seen for c in calls] == ([128, 128] if chunk > 128 else [32] * 8)  # 128 images, batches of 32
+    names = set(ranges[32, "minmax"])
+    assert names == set(ranges[10**9, "minmax"]) == set(ranges[32, "percentile"])
+    assert ranges[32, "minmax"] == ranges[10**9, "minmax"]
+    for n in names:
+        lo, hi = ranges[10**9, "percentile"][n]
+        width = max(hi - lo, 1e-6)
+        assert abs(ranges[32, "percentile"][n][0] - lo) <= 0.05 * width
+        assert abs(ranges[32, "percentile"][n][1] - hi) <= 0.05 * width
 
 
 # -- fixed qparams of hard-sigmoid ----------------------------------------------------------------------
