@@ -172,8 +172,8 @@ def test_deploy_form_computes_the_float_network(tiny, source):
         for m in sites:
             if form == "HSwishDW":
                 m.gate.register_forward_hook(lambda mod, args, out: out.clamp(0.0, 1.0))
-        with torch.no_grad():
-            assert float((model(x) - tiny(x)).abs().max()) < 1e-4, form
+        with torch.no_grad():  # float32 rounding of another formula: relative to logits of ~14 (1.6e-4 on a Xeon)
+            torch.testing.assert_close(model(x), tiny(x), rtol=2e-5, atol=1e-4, msg=form)
     half = deploy_form(tiny, lambda path: 1e-12)  # x within 1e-6 of 0: the gate is 1/2 on its grid
     assert all(type(m).__name__ == "HSwishHalf" for m in half.modules() if type(m).__name__.startswith("HSwish"))
 
