@@ -6,7 +6,7 @@ on: the share of images whose top-1 equals the float model's, and top-1) and on 
 used to choose).  ORT's own ``quantize_static`` (MinMax, the int8 recipe's first 512 calibration images) stands
 beside it as the peer.  Accuracy only: every candidate runs the same graph, so latency does not change.
 
-    python benchmarks/calibration_methods.py                     # ~5 min on 2 cores
+    python benchmarks/calibration_methods.py                     # ~1 min on 2 cores
     python benchmarks/calibration_methods.py --json runs/bench/calibration_methods.json
 """
 from __future__ import annotations
