@@ -141,9 +141,9 @@ def table_path(input_size: int, threads: int, batch: int, home: Path | None = No
     return (home or default_home()) / "latency" / name
 
 
-def _build_pool(timing: Timing, n: int):
+def _build_pool(timing: Timing):
     """Worker processes for targets whose units take seconds to build (ExecuTorch: PT2E + lowering, ~4 s each):
-    built side by side, one per core, while nothing is timed; None where building is cheap or there is one unit.
+    built side by side, one per core, while nothing is timed; None where building is cheap or there is one core.
     A table keeps its pool for its lifetime (:meth:`LatencyTable.close`): spawning one costs ~15 s of imports,
     and NetAdapt measures a few units several times per iteration."""
     from concurrent.futures import ProcessPoolExecutor
@@ -151,7 +151,7 @@ def _build_pool(timing: Timing, n: int):
 
     from compress.prune.unit_timing import TORCH_TARGETS
 
-    workers = min(n, os.cpu_count() or 1)
+    workers = os.cpu_count() or 1
     if timing.target not in TORCH_TARGETS or workers < 2:
         return None
     return ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_one_thread)
@@ -268,7 +268,7 @@ class LatencyTable:
     def _workers(self, n: int):
         """The table's build pool (started by the first batch of two or more units that need one), else None."""
         if "pool" not in self._pool and n >= 2:
-            pool = _build_pool(self.timing, os.cpu_count() or 1)
+            pool = _build_pool(self.timing)
             if pool is not None:
                 self._pool["pool"] = pool
         return self._pool.get("pool")
@@ -276,12 +276,6 @@ class LatencyTable:
     def close(self) -> None:
         """Stop the build workers (also done when the table is garbage-collected or at exit)."""
         _shutdown(self._pool)
-
-    def __enter__(self) -> "LatencyTable":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
     def _measure_chunks(self, units, chunk: int, bar, pool) -> None:
         from eval.latency import interleave
