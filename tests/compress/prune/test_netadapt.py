@@ -180,3 +180,40 @@ def test_netadapt_int8_quantizes_the_pruned_network(tmp_path, monkeypatch):
     assert s["int8_speedup"] == pytest.approx(r["variants"][2]["latency_ms"]["median"]
                                               / r["variants"][3]["latency_ms"]["median"], rel=1e-3)
     assert r["latency_table"]["timing"] == "ort-x86-int8" and r["latency_table"]["channel_step"] == 16
+
+
+def test_the_stop_is_decided_by_a_longer_measurement_once_the_prediction_is_there():
+    """A quick measurement that happens to land under the target does not end the search: once the table's
+    prediction reaches the target, a CONFIRM_FACTOR x longer measurement replaces it (and only then)."""
+    import types
+
+    import compress.prune.netadapt as na
+
+    calls = []
+    quick, confirmed = (0.50, 1.0), (0.68, 1.0)  # (current, seed) medians: quick 0.50x, confirmed 0.68x
+
+    def measure_pair(cur_bytes, rounds=None):
+        calls.append(rounds or na.MEASURE_ROUNDS)
+        cur, seed = quick if rounds is None else confirmed
+        return {"median": seed}, {"median": cur}
+
+    search = na._Search.__new__(na._Search)
+    search.cfg = types.SimpleNamespace(target_latency_ratio=0.6)
+    search.measured_stop = True
+    search.measure_pair = measure_pair
+
+    seed, cur, conf = search.measure_current(b"net", pred_ratio=0.7)  # prediction not there: the quick one stands
+    assert conf is None and calls == [na.MEASURE_ROUNDS] and cur["median"] / seed["median"] == 0.5
+    assert not search.reached(0.5, 0.7)
+
+    calls.clear()
+    seed, cur, conf = search.measure_current(b"net", pred_ratio=0.58)
+    assert calls == [na.MEASURE_ROUNDS, na.CONFIRM_FACTOR * na.MEASURE_ROUNDS]
+    assert conf == {"rounds": na.CONFIRM_FACTOR * na.MEASURE_ROUNDS, "quick_ratio": 0.5}
+    ratio = cur["median"] / seed["median"]
+    assert ratio == 0.68 and not search.reached(ratio, 0.58)  # the quick 0.50x alone would have stopped it
+    assert search.reached(0.5, 0.58)
+
+    calls.clear()
+    search.measured_stop = False  # a device table: its prediction decides, nothing to confirm here
+    assert search.measure_current(b"net", pred_ratio=0.58)[2] is None and calls == [na.MEASURE_ROUNDS]
