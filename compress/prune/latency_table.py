@@ -5,7 +5,11 @@ and residual add, as onnxruntime fuses them), the last 1x1 conv, and the head (p
 exported on its own as a small ONNX graph at its input shape and timed with onnxruntime on the deployment
 settings (threads, batch).  Each unit is timed in interleaved rounds together with a trivial graph (one
 Identity on the unit's input), and the table stores the unit's *marginal* time: its median minus that
-baseline's median.  The whole network is then predicted as ``base + sum(marginal times)``, ``base`` being the
+baseline's median.  Units are timed a few at a time, minutes apart, and a shared CPU's speed drifts between
+batches (on a 2-core VM by ±20 % from one minute to the next), so every batch also times the table's *anchor* - the
+heaviest unit of its first batch, whose time is stored - and its times are scaled by the anchor's stored time
+over its time in this batch: every entry is in the speed of the table's first batch, and a cut compared with
+the unit it replaces is not a comparison of two machine speeds.  The whole network is then predicted as ``base + sum(marginal times)``, ``base`` being the
 fixed cost of one ``session.run`` (input binding, output allocation) that a real network pays once.
 
 What is timed, and where, is a :class:`compress.prune.unit_timing.Timing`: a deploy target's runtime and a
@@ -186,6 +190,8 @@ class LatencyTable:
         self.base_ms: list[float] = []  # the baseline of every measurement batch
         self.measured_here = 0
         self._baselines: dict[tuple[int, ...], bytes] = {}  # the baseline artifact of each input shape
+        self.anchor: dict[str, Any] | None = None  # {"unit": key, "ms": its raw time in the table's first batch}
+        self._anchor_bytes: bytes | None = None
         self._pool: dict[str, Any] = {}  # {"pool": the build workers}, once a batch of units needed them
         weakref.finalize(self, _shutdown, self._pool)
         self.device: DeviceTable | None = None
@@ -207,6 +213,7 @@ class LatencyTable:
             return
         self.entries = dict(data.get("units", {}))
         self.base_ms = list(data.get("base_ms", []))
+        self.anchor = data.get("anchor")
 
     def stale_reason(self, data: dict[str, Any]) -> str | None:
         """Why a stored table does not describe this deployment (None: it does): another format, thread
@@ -219,7 +226,8 @@ class LatencyTable:
                   ("input size", data.get("input_size"), self.input_size),
                   ("CPU", machine.get("cpu"), self.machine.get("cpu")),
                   ("ISA flags", machine.get("isa"), self.machine.get("isa")),
-                  ("onnxruntime version", machine.get("onnxruntime"), self.machine.get("onnxruntime"))]
+                  ("onnxruntime version", machine.get("onnxruntime"), self.machine.get("onnxruntime")),
+                  ("drift anchor", "yes" if data.get("anchor") else "none", "yes")]
         for what, stored, now in checks:
             if stored != now:
                 return f"with another {what} ({stored}; this run: {now})"
@@ -229,7 +237,7 @@ class LatencyTable:
         return write_json(self.path, {
             "version": TABLE_VERSION, "timing": self.timing.key, "runtime": self.timing.runtime_version(),
             "input_size": self.input_size, "threads": self.threads, "batch": self.batch,
-            "machine": self.machine, "base_ms": self.base_ms, "units": self.entries})
+            "machine": self.machine, "anchor": self.anchor, "base_ms": self.base_ms, "units": self.entries})
 
     @property
     def base(self) -> float:
@@ -286,6 +294,11 @@ class LatencyTable:
             built = (list(pool.map(unit_artifact, part, [t] * len(part), [b] * len(part))) if pool is not None
                      else [unit_artifact(u, t, b) for u in part])
             calls = {}
+            if self.anchor is not None:
+                if self._anchor_bytes is None:
+                    self._anchor_bytes = unit_artifact(json.loads(self.anchor["unit"]), t, b)
+                _, chw = unit_module(json.loads(self.anchor["unit"]))
+                calls["anchor"] = t.call(self._anchor_bytes, chw, b, self.threads)
             for i, u in enumerate(part):
                 _, chw = unit_module(u)
                 calls[f"u{i}"] = t.call(built[i], chw, b, self.threads)
@@ -295,13 +308,20 @@ class LatencyTable:
                     calls[f"base{chw}"] = t.call(self._baselines[tuple(chw)], chw, b, self.threads)
             r = interleave(calls, threads=self.threads, batch=b, rounds=self.rounds, warmup=5,
                            round_time_s=self.round_time_s)
-            bases = {k: v["median"] for k, v in r.items() if k.startswith("base")}
+            if self.anchor is None:  # a new table: its first batch's heaviest unit anchors every later batch
+                i = max(range(len(part)), key=lambda j: r[f"u{j}"]["median"])
+                self.anchor = {"unit": unit_key(part[i]), "ms": r[f"u{i}"]["median"]}
+                self._anchor_bytes = built[i]
+                scale = 1.0
+            else:
+                scale = self.anchor["ms"] / max(r["anchor"]["median"], 1e-9)
+            bases = {k: scale * v["median"] for k, v in r.items() if k.startswith("base")}
             self.base_ms.append(float(np.median(list(bases.values()))))
             for i, u in enumerate(part):
                 _, chw = unit_module(u)
-                marginal = max(0.0, r[f"u{i}"]["median"] - bases[f"base{chw}"])
+                marginal = max(0.0, scale * r[f"u{i}"]["median"] - bases[f"base{chw}"])
                 self.entries[unit_key(u)] = {"ms": round(marginal, 5), "raw_ms": r[f"u{i}"]["median"],
-                                             "cv": r[f"u{i}"]["cv"]}
+                                             "cv": r[f"u{i}"]["cv"], "scale": round(scale, 4)}
             self.measured_here += len(part)
             bar.update(len(part))
 

@@ -15,6 +15,7 @@ from compress.prune.latency_table import (
     export_unit,
     network_units,
     table_path,
+    unit_artifact,
     unit_key,
     unit_module,
     unit_onnx,
@@ -108,3 +109,63 @@ def test_agreement_reports_errors_and_seed_calibration():
     assert r["mean_abs_rel_error_seed_calibrated"] == pytest.approx(0.0, abs=1e-9)
     assert r["pearson_r"] == pytest.approx(1.0)
     assert agreement([], []) == {"networks": 0}
+
+
+def test_batches_timed_at_another_machine_speed_are_scaled_by_the_anchor(tmp_path, monkeypatch):
+    """The machine runs 1.6x slower while the second batch is timed (a drifting VM): the anchor - the first batch's
+    heaviest unit, timed again in every batch - brings that batch back to the first one's speed, so a unit's
+    entry does not depend on when it was timed.  Timing is scripted (each artifact's 'time' is its size) so the
+    drift is exact; the units, artifacts and the table's arithmetic are real."""
+    import eval.latency
+
+    speed = {"now": 1.0}
+    seen = []
+
+    def scripted(calls, **kw):
+        seen.append(set(calls))
+        return {name: {"median": speed["now"] * call.true_ms, "cv": 0.0} for name, call in calls.items()}
+
+    class ScriptedTiming(Timing):
+        def call(self, artifact, chw, batch, threads):
+            def run():
+                return None
+            run.true_ms = len(artifact) / 1e4  # larger units take longer, deterministically
+            return run
+
+    monkeypatch.setattr(eval.latency, "interleave", scripted)
+    spec = arch_spec("mobilenet_v3_small", width_mult=0.35, num_classes=10)
+    units = network_units(spec, 16)
+    first, second = units[:4], units[4:7]
+
+    def table(name):
+        return LatencyTable(16, threads=1, batch=1, path=tmp_path / name, progress=False, timing=ScriptedTiming())
+
+    steady = table("steady.json")
+    steady.measure(first, chunk=8)
+    steady.measure(second, chunk=8)
+    drifting = table("drifting.json")
+    drifting.measure(first, chunk=8)
+    speed["now"] = 1.6
+    drifting.measure(second, chunk=8)
+    assert "anchor" not in seen[0] and "anchor" in seen[-1]  # the first batch picks it, later ones time it
+    heaviest = max(first, key=lambda u: len(unit_artifact(u, Timing(), 1)))
+    assert drifting.anchor["unit"] == unit_key(heaviest)
+    for u in second:
+        k = unit_key(u)
+        assert steady.entries[k]["ms"] > 0
+        assert drifting.entries[k]["ms"] == pytest.approx(steady.entries[k]["ms"], rel=1e-3), k
+        assert drifting.entries[k]["scale"] == pytest.approx(1 / 1.6, rel=1e-3)
+        assert drifting.entries[k]["raw_ms"] == pytest.approx(1.6 * steady.entries[k]["raw_ms"])
+    # the anchor is stored: a new process reading the file scales its batches to the same speed
+    reread = table("drifting.json")
+    assert reread.anchor == drifting.anchor
+    speed["now"] = 0.7
+    reread.measure([units[7]], chunk=8)
+    steady.measure([units[7]], chunk=8)  # (also at 0.7: the steady table's own anchor rescales it too)
+    assert reread.entries[unit_key(units[7])]["ms"] == pytest.approx(steady.entries[unit_key(units[7])]["ms"],
+                                                                     rel=1e-3)
+    # a table written before anchors existed is measured again
+    data = json.loads((tmp_path / "drifting.json").read_text())
+    del data["anchor"]
+    (tmp_path / "drifting.json").write_text(json.dumps(data))
+    assert table("drifting.json").entries == {}
