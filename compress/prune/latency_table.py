@@ -9,7 +9,14 @@ baseline's median.  Units are timed a few at a time, minutes apart, and a shared
 batches (on a 2-core VM by ±20 % from one minute to the next), so every batch also times the table's *anchor* - the
 heaviest unit of its first batch, whose time is stored - and its times are scaled by the anchor's stored time
 over its time in this batch: every entry is in the speed of the table's first batch, and a cut compared with
-the unit it replaces is not a comparison of two machine speeds.  The whole network is then predicted as ``base + sum(marginal times)``, ``base`` being the
+the unit it replaces is not a comparison of two machine speeds.
+
+A unit timed alone runs with its weights in the core's cache; inside the network every layer's weights are
+fetched again on each pass (MobileNetV3-Large holds 5.4 M of them: in int8 more than a 2 MB L2).  That cost
+grows with the weights, not with the input (on a 2-core Xeon the ONNX Runtime int8 table missed 0.26 ms of the
+default's 0.58 ms at 48 px and 0.29 ms at 160 px), so :meth:`LatencyTable.calibrate` times one whole network
+beside the anchor and fits one cost per MB of weights to what its units miss; predictions add it for each
+network's own weights (``weights``: stored with the table).  NetAdapt calibrates on its seed.  The whole network is then predicted as ``base + sum(marginal times)``, ``base`` being the
 fixed cost of one ``session.run`` (input binding, output allocation) that a real network pays once.
 
 What is timed, and where, is a :class:`compress.prune.unit_timing.Timing`: a deploy target's runtime and a
@@ -109,6 +116,17 @@ def unit_module(unit: dict[str, Any]) -> tuple[nn.Module, tuple[int, int, int]]:
     raise ValueError(f"unknown unit kind {kind!r}")
 
 
+_WEIGHTS: dict[str, int] = {}
+
+
+def _weight_count(key: str) -> int:
+    """Conv and linear weights of the unit ``key`` (BN folds into them; biases are negligible)."""
+    if key not in _WEIGHTS:
+        module, _ = unit_module(json.loads(key))
+        _WEIGHTS[key] = sum(p.numel() for n, p in module.named_parameters() if n.endswith("weight") and p.ndim > 1)
+    return _WEIGHTS[key]
+
+
 def trained_like(module: nn.Module) -> nn.Module:
     """Non-trivial BN statistics, as in a trained network (random weights: they do not change the latency)."""
     with torch.no_grad():
@@ -191,6 +209,7 @@ class LatencyTable:
         self.measured_here = 0
         self._baselines: dict[tuple[int, ...], bytes] = {}  # the baseline artifact of each input shape
         self.anchor: dict[str, Any] | None = None  # {"unit": key, "ms": its raw time in the table's first batch}
+        self.weights: dict[str, Any] = {"ms_per_mb": 0.0}  # the per-MB cost of fetching weights (calibrate)
         self._anchor_bytes: bytes | None = None
         self._pool: dict[str, Any] = {}  # {"pool": the build workers}, once a batch of units needed them
         weakref.finalize(self, _shutdown, self._pool)
@@ -214,6 +233,7 @@ class LatencyTable:
         self.entries = dict(data.get("units", {}))
         self.base_ms = list(data.get("base_ms", []))
         self.anchor = data.get("anchor")
+        self.weights = dict(data.get("weights") or {"ms_per_mb": 0.0})
 
     def stale_reason(self, data: dict[str, Any]) -> str | None:
         """Why a stored table does not describe this deployment (None: it does): another format, thread
@@ -237,7 +257,7 @@ class LatencyTable:
         return write_json(self.path, {
             "version": TABLE_VERSION, "timing": self.timing.key, "runtime": self.timing.runtime_version(),
             "input_size": self.input_size, "threads": self.threads, "batch": self.batch,
-            "machine": self.machine, "anchor": self.anchor, "base_ms": self.base_ms, "units": self.entries})
+            "machine": self.machine, "anchor": self.anchor, "weights": self.weights, "base_ms": self.base_ms, "units": self.entries})
 
     @property
     def base(self) -> float:
@@ -281,6 +301,17 @@ class LatencyTable:
                 self._pool["pool"] = pool
         return self._pool.get("pool")
 
+    def anchor_call(self):
+        """(a call running the table's anchor unit, its stored ms): time it beside whole networks and scale them
+        by stored / now to compare them with the table at the speed its entries are in.  None before the first
+        batch was timed (or for a device table)."""
+        if self.anchor is None or self.device is not None:
+            return None
+        unit = json.loads(self.anchor["unit"])
+        if self._anchor_bytes is None:
+            self._anchor_bytes = unit_artifact(unit, self.timing, self.batch)
+        return self.timing.call(self._anchor_bytes, unit_module(unit)[1], self.batch, self.threads), self.anchor["ms"]
+
     def close(self) -> None:
         """Stop the build workers (also done when the table is garbage-collected or at exit)."""
         _shutdown(self._pool)
@@ -295,10 +326,7 @@ class LatencyTable:
                      else [unit_artifact(u, t, b) for u in part])
             calls = {}
             if self.anchor is not None:
-                if self._anchor_bytes is None:
-                    self._anchor_bytes = unit_artifact(json.loads(self.anchor["unit"]), t, b)
-                _, chw = unit_module(json.loads(self.anchor["unit"]))
-                calls["anchor"] = t.call(self._anchor_bytes, chw, b, self.threads)
+                calls["anchor"] = self.anchor_call()[0]
             for i, u in enumerate(part):
                 _, chw = unit_module(u)
                 calls[f"u{i}"] = t.call(built[i], chw, b, self.threads)
@@ -343,12 +371,48 @@ class LatencyTable:
         """(unit name, marginal ms) for every unit of ``spec``."""
         self.measure(self.missing([spec]))
         names = ["stem"] + [f"block{i}" for i in range(len(spec.blocks))] + ["last_conv", "head"]
-        return [(n, self.unit_ms(u, i)) for i, (n, u) in enumerate(zip(names, network_units(spec, self.input_size)))]
+        out = [(n, self.unit_ms(u, i)) for i, (n, u) in enumerate(zip(names, network_units(spec, self.input_size)))]
+        return out + ([("weights", self.weight_ms(spec))] if self.weight_ms(spec) > 0 else [])
 
     def predict(self, spec: ArchSpec) -> float:
-        """Predicted whole-network latency (ms): the per-run baseline plus every unit's marginal time."""
+        """Predicted whole-network latency (ms): the per-run baseline plus every unit's marginal time plus the
+        calibrated cost of fetching the network's weights (0 until :meth:`calibrate`)."""
         self.measure(self.missing([spec]))
+        return self.units_ms(spec) + self.weight_ms(spec)
+
+    def units_ms(self, spec: ArchSpec) -> float:
+        """The baseline plus every unit's marginal time: the prediction before the weights' cost."""
         return self.base + sum(self.unit_ms(u, i) for i, u in enumerate(network_units(spec, self.input_size)))
+
+    def weight_mb(self, spec: ArchSpec) -> float:
+        """MB of conv and linear weights ``spec`` fetches per pass in the table's precision."""
+        per = 1 if self.timing.precision == "int8" else 4
+        return per * sum(_weight_count(unit_key(u)) for u in network_units(spec, self.input_size)) / 1e6
+
+    def weight_ms(self, spec: ArchSpec) -> float:
+        if self.device is not None:
+            return 0.0  # the device's own times: nothing measured here to calibrate them with
+        return float(self.weights.get("ms_per_mb", 0.0)) * self.weight_mb(spec)
+
+    def calibrate(self, spec: ArchSpec, artifact: bytes, rounds: int = 10) -> dict[str, Any]:
+        """Time ``artifact`` (``spec``'s whole network as the timing runs it) beside the anchor, at the table's
+        speed, and fit the cost per MB of weights to what the units miss of it (0 when they miss nothing).
+        Stored in the table file; returns the fit."""
+        from eval.latency import interleave
+
+        if self.device is not None:
+            return dict(self.weights)
+        self.measure(self.missing([spec]))
+        chw = (3, self.input_size, self.input_size)
+        r = interleave({"net": self.timing.call(artifact, chw, self.batch, self.threads),
+                        "anchor": self.anchor_call()[0]}, threads=self.threads, batch=self.batch, rounds=rounds,
+                       round_time_s=0.1)
+        measured = r["net"]["median"] * self.anchor["ms"] / r["anchor"]["median"]
+        units, mb = self.units_ms(spec), self.weight_mb(spec)
+        self.weights = {"ms_per_mb": round(max(0.0, measured - units) / mb, 6) if mb > 0 else 0.0,
+                        "network_ms": round(measured, 5), "units_ms": round(units, 5), "network_mb": round(mb, 4)}
+        self.save()
+        return dict(self.weights)
 
 
 class DeviceTable:
@@ -409,12 +473,12 @@ class SharedTable:
 
     def __init__(self, table: LatencyTable, ctx: DistContext) -> None:
         self.table, self.ctx = table, ctx
-        self._take(distributed.from_main(ctx, lambda: (table.entries, table.base_ms)))  # rank 0's cache file
+        self._take(distributed.from_main(ctx, lambda: (table.entries, table.base_ms, table.weights)))  # rank 0's
         if table.device is not None and ctx.distributed:  # the host side of the device's units, on rank 0 only
             self.measure([json.loads(k) for k in table.device.units])
 
-    def _take(self, state: tuple[dict[str, dict[str, float]], list[float]]) -> None:
-        self.table.entries, self.table.base_ms = dict(state[0]), list(state[1])
+    def _take(self, state: tuple[dict[str, dict[str, float]], list[float], dict[str, Any]]) -> None:
+        self.table.entries, self.table.base_ms, self.table.weights = dict(state[0]), list(state[1]), dict(state[2])
 
     def missing(self, specs: Iterable[ArchSpec]) -> list[dict[str, Any]]:
         return self.table.missing(specs)
@@ -424,11 +488,20 @@ class SharedTable:
         if not units:
             return
 
-        def on_main() -> tuple[dict[str, dict[str, float]], list[float]]:
+        def on_main() -> tuple[dict[str, dict[str, float]], list[float], dict[str, Any]]:
             self.table.measure(units)
-            return self.table.entries, self.table.base_ms
+            return self.table.entries, self.table.base_ms, self.table.weights
 
         self._take(distributed.from_main(self.ctx, on_main))
+
+    def calibrate(self, spec: ArchSpec, artifact: bytes) -> dict[str, Any]:
+        """:meth:`LatencyTable.calibrate` on rank 0; every rank gets the fit."""
+        def on_main() -> tuple[dict[str, dict[str, float]], list[float], dict[str, Any]]:
+            self.table.calibrate(spec, artifact)
+            return self.table.entries, self.table.base_ms, self.table.weights
+
+        self._take(distributed.from_main(self.ctx, on_main))
+        return dict(self.table.weights)
 
     def predict(self, spec: ArchSpec) -> float:
         self.measure(self.missing([spec]))

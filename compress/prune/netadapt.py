@@ -271,6 +271,7 @@ class _Search:
         self.measured_stop = self.table.device is None  # a device table: its prediction decides
         self.shared = SharedTable(self.table, ctx)  # what the search reads: rank 0's measurements
         self.seed_bytes = self.artifact(seed_model)
+        self.shared.calibrate(seed_model.spec, self.seed_bytes)  # the weights' cost, fitted on the seed network
         seed_lat, _ = self.measure_pair(self.seed_bytes)
         self.seed_pred = self.shared.predict(seed_model.spec)
         self.delta_ms = cfg.delta_ratio * self.seed_pred

@@ -124,7 +124,7 @@ class PruneRun:
         seed_key, pruned_key = ("int8", "netadapt-int8") if int8 else ("fp32", "netadapt-fp32")
         lut = {"path": str(table.path), "timing": self.timing.key, "channel_step": search.step,
                "units": len(table.entries), "measured_this_run": table.measured_here,
-               "base_ms": round(table.base, 5),
+               "base_ms": round(table.base, 5), "anchor": table.anchor, "weights": table.weights,
                "trajectory" if table.device is None else "trajectory_vs_host_proxy": agreement(pred, meas),
                "final": {"predicted_ms": round(table.predict(pruned.spec), 5),
                          "measured_ms": lat[pruned_key]["median"],

@@ -111,28 +111,37 @@ def test_agreement_reports_errors_and_seed_calibration():
     assert agreement([], []) == {"networks": 0}
 
 
-def test_batches_timed_at_another_machine_speed_are_scaled_by_the_anchor(tmp_path, monkeypatch):
-    """The machine runs 1.6x slower while the second batch is timed (a drifting VM): the anchor - the first batch's
-    heaviest unit, timed again in every batch - brings that batch back to the first one's speed, so a unit's
-    entry does not depend on when it was timed.  Timing is scripted (each artifact's 'time' is its size) so the
-    drift is exact; the units, artifacts and the table's arithmetic are real."""
+class ScriptedTiming(Timing):
+    """Real artifacts, scripted times: an artifact's time is its size / 1e4 ms, or ``truth[artifact]``."""
+    truth: dict = {}
+
+    def call(self, artifact, chw, batch, threads):
+        def run():
+            return None
+        run.true_ms = self.truth.get(artifact, len(artifact) / 1e4)
+        return run
+
+
+def scripted_interleave(monkeypatch, speed):
     import eval.latency
 
-    speed = {"now": 1.0}
     seen = []
 
     def scripted(calls, **kw):
         seen.append(set(calls))
         return {name: {"median": speed["now"] * call.true_ms, "cv": 0.0} for name, call in calls.items()}
 
-    class ScriptedTiming(Timing):
-        def call(self, artifact, chw, batch, threads):
-            def run():
-                return None
-            run.true_ms = len(artifact) / 1e4  # larger units take longer, deterministically
-            return run
-
     monkeypatch.setattr(eval.latency, "interleave", scripted)
+    return seen
+
+
+def test_batches_timed_at_another_machine_speed_are_scaled_by_the_anchor(tmp_path, monkeypatch):
+    """The machine runs 1.6x slower while the second batch is timed (a drifting VM): the anchor - the first batch's
+    heaviest unit, timed again in every batch - brings that batch back to the first one's speed, so a unit's
+    entry does not depend on when it was timed.  Timing is scripted (each artifact's 'time' is its size) so the
+    drift is exact; the units, artifacts and the table's arithmetic are real."""
+    speed = {"now": 1.0}
+    seen = scripted_interleave(monkeypatch, speed)
     spec = arch_spec("mobilenet_v3_small", width_mult=0.35, num_classes=10)
     units = network_units(spec, 16)
     first, second = units[:4], units[4:7]
@@ -169,3 +178,38 @@ def test_batches_timed_at_another_machine_speed_are_scaled_by_the_anchor(tmp_pat
     del data["anchor"]
     (tmp_path / "drifting.json").write_text(json.dumps(data))
     assert table("drifting.json").entries == {}
+
+
+def test_calibration_fits_the_weights_cost_on_one_network_and_predicts_another(tmp_path, monkeypatch):
+    """The whole network pays a cost its units alone do not (its weights fetched on every pass): calibrating on
+    the seed fits it per MB of weights, and a pruned network's prediction then carries its own, smaller cost.
+    Scripted times (as above): the seed 'runs' in its units' time + 0.05 ms per MB, timed while the machine is
+    1.25x slower than when the units were; the anchor timed beside it undoes that."""
+    from compress.models.mobilenetv3 import MobileNetV3
+    from compress.prune.channels import channel_groups, pruned_spec
+
+    speed = {"now": 1.0}
+    scripted_interleave(monkeypatch, speed)
+    spec = arch_spec("mobilenet_v3_small", width_mult=0.35, num_classes=10)
+    g = channel_groups(spec)[-1]
+    cut = pruned_spec(spec, {g.name: g.channels // 2})
+    timing = ScriptedTiming("ort-x86", "int8")
+    table = LatencyTable(16, threads=1, batch=1, path=tmp_path / "t.json", progress=False, timing=timing)
+    units_seed, units_cut = table.predict(spec), table.predict(cut)
+    assert table.weights["ms_per_mb"] == 0 and units_seed == table.units_ms(spec)
+    # the table counts every conv / linear weight of the network once (int8: one byte each)
+    model = MobileNetV3(spec)
+    n = sum(p.numel() for name, p in model.named_parameters() if name.endswith("weight") and p.ndim > 1)
+    assert table.weight_mb(spec) == pytest.approx(n / 1e6)
+    assert 0 < table.weight_mb(cut) < table.weight_mb(spec)
+    ScriptedTiming.truth = {b"seed network": units_seed + 0.05 * table.weight_mb(spec)}
+    speed["now"] = 1.25
+    fit = table.calibrate(spec, b"seed network")
+    assert fit["ms_per_mb"] == pytest.approx(0.05, rel=1e-3)
+    assert table.predict(spec) == pytest.approx(units_seed + 0.05 * table.weight_mb(spec), rel=1e-4)
+    assert table.predict(cut) == pytest.approx(units_cut + 0.05 * table.weight_mb(cut), rel=1e-4)
+    assert dict(table.breakdown(cut))["weights"] == pytest.approx(0.05 * table.weight_mb(cut), rel=1e-3)
+    assert LatencyTable(16, threads=1, batch=1, path=tmp_path / "t.json", progress=False,
+                        timing=timing).weights == fit  # stored with the table
+    ScriptedTiming.truth = {b"seed network": 0.5 * units_seed}  # a network faster than its units: no negative cost
+    assert table.calibrate(spec, b"seed network")["ms_per_mb"] == 0
