@@ -1,23 +1,20 @@
 """Per-layer latency lookup table (NetAdapt §3.2): measured, not estimated from MACs.
 
-Each *unit* of the network - the stem conv, one inverted-residual block (expansion, depthwise, SE, projection
-and residual add, as onnxruntime fuses them), the last 1x1 conv, and the head (pool + classifier) - is
-exported on its own as a small ONNX graph at its input shape and timed with onnxruntime on the deployment
-settings (threads, batch).  Each unit is timed in interleaved rounds together with a trivial graph (one
-Identity on the unit's input), and the table stores the unit's *marginal* time: its median minus that
-baseline's median.  Units are timed a few at a time, minutes apart, and a shared CPU's speed drifts between
-batches (on a 2-core VM by ±20 % from one minute to the next), so every batch also times the table's *anchor* - the
-heaviest unit of its first batch, whose time is stored - and its times are scaled by the anchor's stored time
-over its time in this batch: every entry is in the speed of the table's first batch, and a cut compared with
-the unit it replaces is not a comparison of two machine speeds.
+Each *unit* of the network (:mod:`compress.prune.units`: the stem, each inverted-residual block, the last 1x1 conv,
+the head) is built on its own at its input shape and timed on the deployment settings (threads, batch) in
+interleaved rounds with a trivial graph on the same input; the table stores the unit's *marginal* time (its
+median minus that baseline's).  A network is predicted as ``base`` (the fixed cost of one run, paid once) plus
+its units' marginal times plus the cost of fetching its weights:
 
-A unit timed alone runs with its weights in the core's cache; inside the network every layer's weights are
-fetched again on each pass (MobileNetV3-Large holds 5.4 M of them: in int8 more than a 2 MB L2).  That cost
-grows with the weights, not with the input (on a 2-core Xeon the ONNX Runtime int8 table missed 0.26 ms of the
-default's 0.58 ms at 48 px and 0.29 ms at 160 px), so :meth:`LatencyTable.calibrate` times one whole network
-beside the anchor and fits one cost per MB of weights to what its units miss; predictions add it for each
-network's own weights (``weights``: stored with the table).  NetAdapt calibrates on its seed.  The whole network is then predicted as ``base + sum(marginal times)``, ``base`` being the
-fixed cost of one ``session.run`` (input binding, output allocation) that a real network pays once.
+- *Drift.* Units are timed eight at a time, minutes apart, and a shared VM's speed drifts between batches (±20 %
+  from one minute to the next here), so every batch also times the table's *anchor* (the heaviest unit of its
+  first batch, its time stored) and is scaled by the anchor's stored time over its time now: every entry is at
+  the first batch's speed, and a cut is never compared with its unit at another machine speed.
+- *Weights.* A unit timed alone keeps its weights in cache; the network fetches all of them on each pass
+  (MobileNetV3-Large: 5.4 M, more than a 2 MB L2 in int8).  That cost follows the weights, not the input (on a
+  2-core Xeon the ORT int8 units missed 0.26 ms of the default's 0.56 ms at 48 px, 0.29 ms at 160 px), so
+  :meth:`LatencyTable.calibrate` times one whole network beside the anchor and fits a cost per MB of weights to
+  what its units miss (``weights``, stored with the table); NetAdapt calibrates on its seed.
 
 What is timed, and where, is a :class:`compress.prune.unit_timing.Timing`: a deploy target's runtime and a
 precision (``ort-x86`` fp32 by default; ``netadapt-int8`` times int8 units on its ``--target``).  The table is
@@ -35,7 +32,6 @@ every rank holds the same entries.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -45,16 +41,23 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
-import onnx
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from compress.errors import UserError
 from compress.io import home as default_home
 from compress.io import write_json
-from compress.models.mobilenetv3 import ArchSpec, ConvBNAct, InvertedResidual, _act
+from compress.models.mobilenetv3 import ArchSpec
 from compress.prune.unit_timing import Timing, export_unit
+from compress.prune.units import (  # the table's public names include the units it times
+    network_units,
+    trained_like,
+    unit_artifact,
+    unit_key,
+    unit_module,
+    unit_onnx,
+    unit_weight_count,
+)
 from compress.training import distributed
 from compress.training.distributed import DistContext
 
@@ -62,91 +65,6 @@ __all__ = ["LatencyTable", "SharedTable", "DeviceTable", "network_units", "unit_
            "export_unit", "trained_like", "table_path", "agreement"]
 
 TABLE_VERSION = 3  # 2: the target and precision are part of the table; 3: OpenVINO's int8 keeps the stem's grid
-
-
-def _out_size(h: int, kernel: int, stride: int, dilation: int = 1) -> int:
-    pad = (kernel - 1) // 2 * dilation
-    return (h + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
-
-
-def network_units(spec: ArchSpec, input_size: int) -> list[dict[str, Any]]:
-    """The units of ``spec`` in forward order, each a dict (kind, configuration, input side ``hw``)."""
-    h = input_size
-    units: list[dict[str, Any]] = [{"kind": "stem", "out": spec.stem_channels, "act": spec.stem_act, "hw": h}]
-    h = _out_size(h, 3, 2)
-    for b in spec.blocks:
-        units.append({"kind": "block", **dataclasses.asdict(b), "hw": h})
-        h = _out_size(h, b.kernel, 1 if b.dilation > 1 else b.stride, b.dilation)
-    units.append({"kind": "last", "in": spec.blocks[-1].out_ch, "out": spec.last_conv, "act": spec.head_act, "hw": h})
-    units.append({"kind": "head", "in": spec.last_conv, "hidden": spec.last_channel, "classes": spec.num_classes,
-                  "act": spec.head_act, "hw": h})
-    return units
-
-
-def unit_key(unit: dict[str, Any]) -> str:
-    return json.dumps(unit, sort_keys=True, separators=(",", ":"))
-
-
-class _Head(nn.Module):
-    """Pool + classifier exactly as :class:`MobileNetV3` runs them."""
-
-    def __init__(self, cin: int, hidden: int, classes: int, act: str) -> None:
-        super().__init__()
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Sequential(nn.Linear(cin, hidden), _act(act), nn.Dropout(0.2), nn.Linear(hidden, classes))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.avgpool(x), 1))
-
-
-def unit_module(unit: dict[str, Any]) -> tuple[nn.Module, tuple[int, int, int]]:
-    """The torch module of a unit (random weights: they do not change the latency) and its input [C, H, W]."""
-    kind, h = unit["kind"], unit["hw"]
-    if kind == "stem":
-        return ConvBNAct(3, unit["out"], 3, stride=2, act=unit["act"]), (3, h, h)
-    if kind == "block":
-        from compress.models.mobilenetv3 import BlockConfig
-
-        cfg = BlockConfig(**{k: v for k, v in unit.items() if k not in ("kind", "hw")})
-        return InvertedResidual(cfg), (cfg.in_ch, h, h)
-    if kind == "last":
-        return ConvBNAct(unit["in"], unit["out"], 1, act=unit["act"]), (unit["in"], h, h)
-    if kind == "head":
-        return _Head(unit["in"], unit["hidden"], unit["classes"], unit["act"]), (unit["in"], h, h)
-    raise ValueError(f"unknown unit kind {kind!r}")
-
-
-_WEIGHTS: dict[str, int] = {}
-
-
-def _weight_count(key: str) -> int:
-    """Conv and linear weights of the unit ``key`` (BN folds into them; biases are negligible)."""
-    if key not in _WEIGHTS:
-        module, _ = unit_module(json.loads(key))
-        _WEIGHTS[key] = sum(p.numel() for n, p in module.named_parameters() if n.endswith("weight") and p.ndim > 1)
-    return _WEIGHTS[key]
-
-
-def trained_like(module: nn.Module) -> nn.Module:
-    """Non-trivial BN statistics, as in a trained network (random weights: they do not change the latency)."""
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_var.uniform_(0.5, 2.0)
-    return module.eval()
-
-
-def unit_onnx(unit: dict[str, Any], batch: int) -> bytes:
-    """The unit exported as it would be inside the whole network (BN folded, opset 17), static shape."""
-    module, chw = unit_module(unit)
-    return export_unit(trained_like(module), chw, batch)
-
-
-def unit_artifact(unit: dict[str, Any], timing: Timing, batch: int) -> bytes:
-    """What ``timing`` runs for ``unit``: its ONNX export, or the target's build from it and its torch module."""
-    module, chw = unit_module(unit)
-    module = trained_like(module)
-    return timing.artifact(onnx.load_from_string(export_unit(module, chw, batch)), chw, batch, module=module)
 
 
 def table_path(input_size: int, threads: int, batch: int, home: Path | None = None, timing: Timing = Timing()
@@ -387,7 +305,7 @@ class LatencyTable:
     def weight_mb(self, spec: ArchSpec) -> float:
         """MB of conv and linear weights ``spec`` fetches per pass in the table's precision."""
         per = 1 if self.timing.precision == "int8" else 4
-        return per * sum(_weight_count(unit_key(u)) for u in network_units(spec, self.input_size)) / 1e6
+        return per * sum(unit_weight_count(unit_key(u)) for u in network_units(spec, self.input_size)) / 1e6
 
     def weight_ms(self, spec: ArchSpec) -> float:
         if self.device is not None:
