@@ -5,9 +5,10 @@ Start from a trained network.  Each iteration makes one *proposal* per channel g
 residual stream, or the head): the smallest cut, in steps of the target's kernel multiple (``channel_step``: 8,
 16 for ORT's x86 int8), whose latency - predicted by the measured per-layer table
 (:mod:`compress.prune.latency_table`) on the deploy target, in the precision it ships (``latency_precision``;
-:mod:`compress.prune.unit_timing`) - is at least ``delta = delta_ratio x L(seed)`` lower.  Each proposal keeps its most important channels (``importance``), gets a short fine-tune on the
-train split, and is scored on a held-out subset of the TRAIN split (never the test split).  The kept
-proposal maximises ``dAccuracy / |dLatency|`` (``selection = "ratio"``, the MobileNetV3 rule) or the
+:mod:`compress.prune.unit_timing`) - is at least ``delta = delta_ratio x L(seed)`` lower (once no group can save
+delta, it halves, at most ``DELTA_HALVINGS`` times).  Each proposal keeps its most important channels
+(``importance``), gets a short fine-tune on the train split, and is scored on a held-out subset of the TRAIN
+split (never the test split).  The kept proposal maximises ``dAccuracy / |dLatency|`` (``selection = "ratio"``, the MobileNetV3 rule) or the
 accuracy itself (``"min_drop"``, NetAdapt's original rule).  Its whole-network latency is then measured
 (the target's runtime and precision, the deployment's threads and batch, interleaved with the seed model); the
 loop stops once that measurement and the table's prediction are both at most ``target_latency_ratio`` of the
@@ -70,6 +71,7 @@ DEFAULT_OUTPUT_DIR = "runs/prune-netadapt"
 CANDIDATE_DEPTH = 6  # cuts per group whose units are timed up front in one batch
 MEASURE_ROUNDS = 20  # interleaved rounds of ~0.1 s (seed vs current) after every iteration
 CONFIRM_FACTOR = 3  # once the prediction reaches the target, a measurement this many times longer decides the stop
+DELTA_HALVINGS = 3  # when no group can save delta any more, halve it (down to delta / 8) before giving up
 
 
 # -- data: fine-tune pool and holdout, both from the TRAIN split --------------------------------------------
@@ -275,6 +277,7 @@ class _Search:
         seed_lat, _ = self.measure_pair(self.seed_bytes)
         self.seed_pred = self.shared.predict(seed_model.spec)
         self.delta_ms = cfg.delta_ratio * self.seed_pred
+        self.halvings = 0
         seed_acc = _finetune(seed_model, source, self.pool, self.holdout, 0, cfg.batch_size, cfg.lr, 0, cfg.seed,
                              ctx, settings)
         self.timings["setup_s"] = time.time() - t
@@ -324,6 +327,12 @@ class _Search:
                 self.stop = "target met"
                 break
             step = self.iteration(it)
+            while step is None and self.halvings < DELTA_HALVINGS:  # late in a search: smaller steps
+                self.delta_ms, self.halvings = self.delta_ms / 2, self.halvings + 1
+                if self.progress:
+                    tqdm.write(f"no group can save {2000 * self.delta_ms:.2f} us any more: delta halved to "
+                               f"{1000 * self.delta_ms:.2f} us")
+                step = self.iteration(it)
             if step is None:
                 self.stop = "no proposal can cut delta further"
                 break
@@ -356,6 +365,7 @@ class _Search:
         ratio = cur_lat["median"] / seed_lat_it["median"]
         step = {
             "iteration": it, "proposal": chosen["group"], "channels": chosen["channels"],
+            "delta_ms": round(self.delta_ms, 5),
             "spec": self.current.spec.to_dict(), "latency_ms": cur_lat, "seed_latency_ms": seed_lat_it["median"],
             "latency_ratio": round(ratio, 4), "predicted_ratio": round(pred_ratio, 4),
             "predicted_ms": round(chosen["predicted_ms"], 5), "top1": chosen["top1"], "holdout_loss": chosen["loss"],

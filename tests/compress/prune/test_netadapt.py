@@ -217,3 +217,35 @@ def test_the_stop_is_decided_by_a_longer_measurement_once_the_prediction_is_ther
     calls.clear()
     search.measured_stop = False  # a device table: its prediction decides, nothing to confirm here
     assert search.measure_current(b"net", pred_ratio=0.58)[2] is None and calls == [na.MEASURE_ROUNDS]
+
+
+def test_delta_halves_when_no_group_can_save_it_before_the_search_gives_up():
+    """Late in a search no group may save delta any more: the step halves (at most DELTA_HALVINGS times) and
+    the same iteration is proposed again; only when even delta / 2**DELTA_HALVINGS finds nothing does it stop."""
+    import types
+
+    import compress.prune.netadapt as na
+
+    def make(smallest_saving_ms, iterations_possible):
+        search = na._Search.__new__(na._Search)
+        search.cfg = types.SimpleNamespace(max_iterations=10, target_latency_ratio=0.1)
+        search.progress, search.measured_stop, search.timings = False, True, {}
+        search.delta_ms, search.halvings, search.stop, search.cur_acc = 0.04, 0, "max_iterations", {"top1": 0.9}
+        search.table = types.SimpleNamespace(close=lambda: None)
+        tried = []
+
+        def iteration(it):
+            tried.append((it, search.delta_ms))
+            if search.delta_ms > smallest_saving_ms or len({i for i, _ in tried}) > iterations_possible:
+                return None
+            return {"latency_ratio": 0.9, "predicted_ratio": 0.9, "proposal": "g"}
+
+        search.iteration = iteration
+        search.run()
+        return search, tried
+
+    search, tried = make(0.011, 3)  # cuts of 11 us remain: delta 40 -> 20 -> 10 us finds them
+    assert tried == [(1, 0.04), (1, 0.02), (1, 0.01), (2, 0.01), (3, 0.01), (4, 0.01), (4, 0.005)]
+    assert search.halvings == 3 and search.stop == "no proposal can cut delta further"
+    search, tried = make(0.001, 5)  # nothing saves even 40 / 8 = 5 us: the search gives up at once
+    assert tried == [(1, 0.04), (1, 0.02), (1, 0.01), (1, 0.005)] and search.stop == "no proposal can cut delta further"
