@@ -69,7 +69,6 @@ def main(argv: list[str] | None = None) -> dict:
     from compress.models.mobilenetv3 import MobileNetV3
     from compress.prune.latency_table import LatencyTable, agreement
     from compress.prune.unit_timing import Timing, network_artifact
-    from eval.latency import interleave
     from eval.model_info import machine_info
 
     timing = Timing(args.target, args.precision)
@@ -82,27 +81,25 @@ def main(argv: list[str] | None = None) -> dict:
         units_only = [table.predict(s) for s in specs]
         fit = table.calibrate(specs[0], arts[0]) if args.calibrate else dict(table.weights)
         predicted = [table.predict(s) for s in specs]
-        anchor_call, anchor_ms = table.anchor_call()
-        chw = (3, size, size)
-        calls = {str(i): timing.call(a, chw, 1, args.threads) for i, a in enumerate(arts)}
-        measured = interleave({**calls, "anchor": anchor_call}, threads=args.threads, batch=1, rounds=args.rounds,
-                              round_time_s=0.1)
+        # speed < 1: the machine is slower now than when the table was built
+        measured, speed = table.time_networks({str(i): a for i, a in enumerate(arts)}, args.rounds)
+        anchor_ms = table.anchor["ms"]
         table.close()
     meas = [measured[str(i)]["median"] for i in range(len(specs))]
-    speed = anchor_ms / measured["anchor"]["median"]  # < 1: the machine is slower now than when the table was built
     at_table = [round(m * speed, 5) for m in meas]
     result = {"arch": arch, "input_size": size, "timing": timing.key, "runtime": timing.runtime_version(),
               "channel_step": timing.channel_step, "threads": args.threads, "networks": len(specs),
               "predicted_ms": [round(x, 5) for x in predicted], "measured_ms": meas,
               "anchor": {"table_ms": anchor_ms, "now_ms": measured["anchor"]["median"], "scale": round(speed, 4)},
-              "measured_at_table_speed_ms": at_table, "weights": fit, "units_only_ms": [round(x, 5) for x in units_only],
+              "measured_at_table_speed_ms": at_table, "weights": fit,
+              "units_only_ms": [round(x, 5) for x in units_only],
               "agreement": agreement(predicted, at_table), "agreement_raw": agreement(predicted, meas),
               "agreement_units_only": agreement(units_only, at_table), "machine": machine_info()}
     if args.calibrate:  # network 0 fitted the weights' cost: the others are the out-of-sample test
         result["agreement_out_of_sample"] = agreement(predicted[1:], at_table[1:])
     for i, (a, b, r) in enumerate(zip(predicted, at_table, meas)):
-        print(f"network {i:2d}: predicted {a:.4f} ms, measured {b:.4f} ms at the table's speed ({100 * (a - b) / b:+.1f} %;"
-              f" raw {r:.4f} ms, {100 * (a - r) / r:+.1f} %)")
+        print(f"network {i:2d}: predicted {a:.4f} ms, measured {b:.4f} ms at the table's speed "
+              f"({100 * (a - b) / b:+.1f} %; raw {r:.4f} ms, {100 * (a - r) / r:+.1f} %)")
     print(f"anchor: {anchor_ms:.4f} ms in the table, {measured['anchor']['median']:.4f} ms now")
     print(f"weights: {fit}")
     print("at the table's speed:", json.dumps(result["agreement"]))

@@ -6,10 +6,9 @@ interleaved rounds with a trivial graph on the same input; the table stores the 
 median minus that baseline's).  A network is predicted as ``base`` (the fixed cost of one run, paid once) plus
 its units' marginal times plus the cost of fetching its weights:
 
-- *Drift.* Units are timed eight at a time, minutes apart, and a shared VM's speed drifts between batches (±20 %
-  from one minute to the next here), so every batch also times the table's *anchor* (the heaviest unit of its
-  first batch, its time stored) and is scaled by the anchor's stored time over its time now: every entry is at
-  the first batch's speed, and a cut is never compared with its unit at another machine speed.
+- *Drift.* Units are timed eight at a time, minutes apart, on a VM whose speed drifts (±20 % within a minute),
+  so every batch also times the table's *anchor* (its first batch's heaviest unit, time stored) and is scaled by
+  stored / now: every entry is at the first batch's speed, a cut never compared with its unit at another speed.
 - *Weights.* A unit timed alone keeps its weights in cache; the network fetches all of them on each pass
   (MobileNetV3-Large: 5.4 M, more than a 2 MB L2 in int8).  That cost follows the weights, not the input (on a
   2-core Xeon the ORT int8 units missed 0.26 ms of the default's 0.56 ms at 48 px, 0.29 ms at 160 px), so
@@ -49,15 +48,8 @@ from compress.io import home as default_home
 from compress.io import write_json
 from compress.models.mobilenetv3 import ArchSpec
 from compress.prune.unit_timing import Timing, export_unit
-from compress.prune.units import (  # the table's public names include the units it times
-    network_units,
-    trained_like,
-    unit_artifact,
-    unit_key,
-    unit_module,
-    unit_onnx,
-    unit_weight_count,
-)
+from compress.prune.units import (network_units, trained_like, unit_artifact, unit_key,  # re-exported: the
+                                  unit_module, unit_onnx, unit_weight_count)  # units the table times
 from compress.training import distributed
 from compress.training.distributed import DistContext
 
@@ -175,7 +167,8 @@ class LatencyTable:
         return write_json(self.path, {
             "version": TABLE_VERSION, "timing": self.timing.key, "runtime": self.timing.runtime_version(),
             "input_size": self.input_size, "threads": self.threads, "batch": self.batch,
-            "machine": self.machine, "anchor": self.anchor, "weights": self.weights, "base_ms": self.base_ms, "units": self.entries})
+            "machine": self.machine, "anchor": self.anchor, "weights": self.weights, "base_ms": self.base_ms,
+            "units": self.entries})
 
     @property
     def base(self) -> float:
@@ -220,9 +213,8 @@ class LatencyTable:
         return self._pool.get("pool")
 
     def anchor_call(self):
-        """(a call running the table's anchor unit, its stored ms): time it beside whole networks and scale them
-        by stored / now to compare them with the table at the speed its entries are in.  None before the first
-        batch was timed (or for a device table)."""
+        """(a call running the table's anchor unit, its stored ms); None before the first batch or for a device
+        table."""
         if self.anchor is None or self.device is not None:
             return None
         unit = json.loads(self.anchor["unit"])
@@ -290,7 +282,8 @@ class LatencyTable:
         self.measure(self.missing([spec]))
         names = ["stem"] + [f"block{i}" for i in range(len(spec.blocks))] + ["last_conv", "head"]
         out = [(n, self.unit_ms(u, i)) for i, (n, u) in enumerate(zip(names, network_units(spec, self.input_size)))]
-        return out + ([("weights", self.weight_ms(spec))] if self.weight_ms(spec) > 0 else [])
+        weights = self.weight_ms(spec)
+        return out + ([("weights", weights)] if weights > 0 else [])
 
     def predict(self, spec: ArchSpec) -> float:
         """Predicted whole-network latency (ms): the per-run baseline plus every unit's marginal time plus the
@@ -307,25 +300,28 @@ class LatencyTable:
         per = 1 if self.timing.precision == "int8" else 4
         return per * sum(unit_weight_count(unit_key(u)) for u in network_units(spec, self.input_size)) / 1e6
 
-    def weight_ms(self, spec: ArchSpec) -> float:
-        if self.device is not None:
-            return 0.0  # the device's own times: nothing measured here to calibrate them with
-        return float(self.weights.get("ms_per_mb", 0.0)) * self.weight_mb(spec)
+    def weight_ms(self, spec: ArchSpec) -> float:  # a device table: the device's own times, nothing to add
+        return 0.0 if self.device is not None else float(self.weights.get("ms_per_mb", 0.0)) * self.weight_mb(spec)
 
-    def calibrate(self, spec: ArchSpec, artifact: bytes, rounds: int = 10) -> dict[str, Any]:
-        """Time ``artifact`` (``spec``'s whole network as the timing runs it) beside the anchor, at the table's
-        speed, and fit the cost per MB of weights to what the units miss of it (0 when they miss nothing).
-        Stored in the table file; returns the fit."""
+    def time_networks(self, artifacts: dict[str, bytes], rounds: int) -> tuple[dict[str, dict[str, Any]], float]:
+        """Whole networks timed interleaved beside the anchor: their measurements, and ``speed`` (the anchor's
+        table ms over its ms now: measured x speed is at the table's speed)."""
         from eval.latency import interleave
 
+        chw = (3, self.input_size, self.input_size)
+        calls = {k: self.timing.call(a, chw, self.batch, self.threads) for k, a in artifacts.items()}
+        r = interleave({**calls, "anchor": self.anchor_call()[0]}, threads=self.threads, batch=self.batch,
+                       rounds=rounds, round_time_s=0.1)
+        return r, self.anchor["ms"] / max(r["anchor"]["median"], 1e-9)
+
+    def calibrate(self, spec: ArchSpec, artifact: bytes, rounds: int = 10) -> dict[str, Any]:
+        """Fit the cost per MB of weights to what ``spec``'s units miss of its whole network ``artifact``, timed
+        at the table's speed (0 when they miss nothing); stored in the table file.  Returns the fit."""
         if self.device is not None:
             return dict(self.weights)
         self.measure(self.missing([spec]))
-        chw = (3, self.input_size, self.input_size)
-        r = interleave({"net": self.timing.call(artifact, chw, self.batch, self.threads),
-                        "anchor": self.anchor_call()[0]}, threads=self.threads, batch=self.batch, rounds=rounds,
-                       round_time_s=0.1)
-        measured = r["net"]["median"] * self.anchor["ms"] / r["anchor"]["median"]
+        r, speed = self.time_networks({"net": artifact}, rounds)
+        measured = r["net"]["median"] * speed
         units, mb = self.units_ms(spec), self.weight_mb(spec)
         self.weights = {"ms_per_mb": round(max(0.0, measured - units) / mb, 6) if mb > 0 else 0.0,
                         "network_ms": round(measured, 5), "units_ms": round(units, 5), "network_mb": round(mb, 4)}

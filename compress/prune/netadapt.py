@@ -8,9 +8,10 @@ residual stream, or the head): the smallest cut, in steps of the target's kernel
 :mod:`compress.prune.unit_timing`) - is at least ``delta = delta_ratio x L(seed)`` lower (once no group can save
 delta, it halves, at most ``DELTA_HALVINGS`` times).  Each proposal keeps its most important channels
 (``importance``), gets a short fine-tune on the train split, and is scored on a held-out subset of the TRAIN
-split (never the test split).  The kept proposal maximises ``dAccuracy / |dLatency|`` (``selection = "ratio"``, the MobileNetV3 rule) or the
-accuracy itself (``"min_drop"``, NetAdapt's original rule).  Its whole-network latency is then measured
-(the target's runtime and precision, the deployment's threads and batch, interleaved with the seed model); the
+split (never the test split).  The kept proposal maximises ``dAccuracy / |dLatency|`` (``selection = "ratio"``,
+the MobileNetV3 rule) or the accuracy itself (``"min_drop"``, NetAdapt's original rule).  Its whole-network
+latency is then measured (the target's runtime and precision, the deployment's threads and batch, interleaved
+with the seed model); the
 loop stops once that measurement and the table's prediction are both at most ``target_latency_ratio`` of the
 seed's; once the prediction is there, a measurement ``CONFIRM_FACTOR`` times longer replaces the quick one, so a
 few seconds of machine drift neither end the search early nor keep it cutting.  With a device table (a target
